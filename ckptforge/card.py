@@ -1,0 +1,76 @@
+"""The model card (README.md) written into every output: Hub metadata + what was done."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ckptforge.io.source import ALIASES, DenseCheckpoint
+
+_PIPELINES = {
+    "ViTMoEForImageClassification": "image-classification",
+    "ViTMoEModel": "image-feature-extraction",
+    "BertMoEForSequenceClassification": "text-classification",
+    "BertMoEModel": "feature-extraction",
+    "MixtralForCausalLM": "text-generation",
+    "Qwen2MoeForCausalLM": "text-generation",
+}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def card_data(plan: Any, source_ref: str) -> ModelCardData:
+    """Hub metadata: base_model (when the source is a Hub id), tags, library and pipeline."""
+    arch = (plan.output_config.get("architectures") or [""])[0]
+    base = ALIASES.get(source_ref, source_ref).split("@")[0]
+    return ModelCardData(
+        base_model=base if _HUB_ID.match(base) else None,
+        library_name="transformers",
+        pipeline_tag=_PIPELINES.get(arch),
+        tags=["moe", "upcycled", plan.options.strategy, "ckptforge"],
+    )
+
+
+def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None) -> str:
+    """README.md text for an output directory."""
+    data = card_data(plan, ckpt.source)
+    o = plan.options
+    remote = plan.output_format.remote_module
+    load = (
+        "```python\nimport ckptforge  # registers the classes; or pass trust_remote_code=True without it\n"
+        "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(\"PATH\")\n```"
+        if remote else
+        "```python\nfrom transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\n```"
+    )
+    lines = [
+        f"# {plan.output_config['architectures'][0]} upcycled from `{ckpt.source}`",
+        "",
+        f"A Mixture-of-Experts checkpoint made by ckptforge from the dense {plan.family} checkpoint "
+        f"`{ckpt.source}`, with the **{o.strategy}** expert initialisation.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| output format | `{plan.output_format.name}` |",
+        f"| MoE layers | {', '.join(map(str, plan.moe_layers))} of {plan.dims.num_layers} |",
+        f"| experts per layer (E) | {o.num_experts} |",
+        f"| experts per token (k) | {o.top_k} |",
+        f"| expert width | {plan.expert_width} (dense d_ff {plan.dims.intermediate_size}) |",
+        f"| strategy | {o.strategy} {o.strategy_params or ''} |",
+        f"| router | {o.router.get('type')} (init {o.router_init}) |",
+        f"| parameters total / active | {plan.params_total:,} / {plan.params_active:,} |",
+        f"| seed | {o.seed} |",
+        "",
+        "## Verification",
+        "",
+        verify.to_markdown() if verify is not None else "Not verified at conversion time; run `ckptforge verify`.",
+        "",
+        "## Loading",
+        "",
+        load,
+        "",
+        "Provenance (options, source and output hashes) is in `ckptforge.json`.",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

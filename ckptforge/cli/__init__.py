@@ -1,0 +1,85 @@
+"""The ``ckptforge`` command line: thin Typer commands plus one error → exit-code table.
+
+Every command takes ``--json``; errors are one line (``CKPTFORGE_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+import typer
+
+from ckptforge import __version__
+from ckptforge.errors import CkptforgeError
+
+from . import inspect as inspect_cmd
+from . import upcycle as upcycle_cmd
+from . import verify as verify_cmd
+from .errors import BAD_USAGE, exit_code_for, message_for
+from .options import emit_json
+
+app = typer.Typer(
+    name="ckptforge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Turn dense checkpoints into Mixture-of-Experts checkpoints, and prove they are right.",
+)
+app.command()(upcycle_cmd.upcycle)
+app.command()(verify_cmd.verify)
+app.command()(inspect_cmd.inspect)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ckptforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Turn dense checkpoints into Mixture-of-Experts checkpoints, and prove they are right."""
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    _quiet_libraries()
+    try:
+        result = app(args=argv, prog_name="ckptforge", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except CkptforgeError as exc:
+        return _fail(exc, exit_code_for(exc), as_json)
+    except click.exceptions.Abort:
+        return _fail(KeyboardInterrupt("interrupted"), 130, as_json)
+    except click.ClickException as exc:
+        return _fail(exc, BAD_USAGE, as_json, message=f"error: {exc.format_message()}; see --help")
+
+
+def _fail(exc: BaseException, code: int, as_json: bool, message: str | None = None) -> int:
+    message = message or message_for(exc)
+    if os.environ.get("CKPTFORGE_DEBUG") == "1":
+        traceback.print_exception(exc, file=sys.stderr)
+    if as_json:
+        report = getattr(exc, "report", None)
+        payload = {"error": message.removeprefix("error: "), "exit_code": code}
+        if report is not None and hasattr(report, "to_dict"):
+            payload["report"] = report.to_dict()
+        emit_json(payload)
+    print(message, file=sys.stderr)
+    return code
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Option aliases shared by the commands (defined once) and output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator
+
+import typer
+from rich.console import Console
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+TolOpt = Annotated[float, typer.Option("--tol", help="Largest relative L2 error that passes verification.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def fail_verification(message: str, as_json: bool) -> None:
+    """Exit 1 after a failed verification; in --json mode the report is already on stdout."""
+    if as_json:
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(1)
+    from ckptforge.errors import VerificationFailed
+
+    raise VerificationFailed(message)
+
+
+def show_progress(quiet: bool, as_json: bool) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()
+
+
+@contextmanager
+def byte_progress(total: int, description: str, enabled: bool) -> Iterator[Any]:
+    """A rich progress bar over bytes on stderr; yields a callback taking the bytes just done."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

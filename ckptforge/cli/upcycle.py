@@ -1,0 +1,112 @@
+"""``ckptforge upcycle``: dense checkpoint → MoE checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ckptforge.config import UpcycleOptions, parse_size
+from ckptforge.errors import UsageError
+from ckptforge.execute import upcycle as run_upcycle
+from ckptforge.io.source import open_checkpoint
+from ckptforge.plan import Plan, build_plan
+
+from .options import (
+    ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TolOpt, byte_progress, emit_json, fail_verification, show_progress,
+    stdout,
+)
+
+
+def upcycle(
+    source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev].")],
+    out: OutOpt = None,
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
+    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="Expert initialisation strategy.")] = "copy-all",
+    noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
+    drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
+    router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros.")] = "normal",
+    router_init_std: Annotated[float, typer.Option("--router-init-std", help="Std of the normal router init.")] = 0.02,
+    seed: SeedOpt = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (keep) | float32 | bfloat16 | float16.")] = "auto",
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    force: ForceOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Verify against the dense model before finishing.")] = False,
+    tol: TolOpt = 1e-5,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
+    try:
+        size = parse_size(shard_size)
+    except ValueError as exc:
+        raise UsageError(f"--shard-size: {exc}") from None
+    options = UpcycleOptions(
+        num_experts=experts, top_k=top_k, layers=layers, strategy=strategy,
+        strategy_params=_strategy_params(strategy, noise_std, drop_ratio),
+        router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
+    )
+    if dry_run:
+        plan = build_plan(open_checkpoint(source), options, out)
+        if as_json:
+            emit_json({"dry_run": True, "plan": plan.to_dict()})
+        else:
+            render_plan(plan)
+        return
+    if out is None:
+        raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
+    ckpt_plan = build_plan(open_checkpoint(source), options, out)
+    with byte_progress(ckpt_plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:
+        result = run_upcycle(source, out, options, force=force, verify=verify, tol=tol, progress=progress)
+    payload = {
+        "out": str(result.out), "seconds": round(result.seconds, 3), "plan": result.plan.to_dict(),
+        "files": result.files, "verify": result.verify.to_dict() if result.verify else None,
+    }
+    if as_json:
+        emit_json(payload)
+    elif not quiet:
+        render_plan(result.plan)
+        stdout.print(f"wrote [bold]{result.out}[/] ({len(result.files)} files) in {result.seconds:.1f} s")
+        if result.verify is not None:
+            from .verify import render_report
+
+            render_report(result.verify)
+    if result.verify is not None and not result.verify.passed:
+        fail_verification(f"verification above tolerance {tol:g}; the output was written to {result.out}", as_json)
+
+
+def _strategy_params(strategy: str, noise_std: float, drop_ratio: float) -> dict:
+    params = {}
+    if noise_std:
+        params["noise_std"] = noise_std
+    if drop_ratio:
+        params["drop_ratio"] = drop_ratio
+    if params and strategy != "copy-all":
+        raise UsageError("--noise-std and --drop-ratio apply to --strategy copy-all only")
+    return params
+
+
+def render_plan(plan: Plan) -> None:
+    d = plan.to_dict()
+    table = Table(title=f"plan: {d['source']} → {d['output_format']} ({d['architecture']})", show_header=False)
+    for key in ("family", "num_layers", "hidden_size", "intermediate_size", "moe_layers", "num_experts",
+                "top_k", "expert_width", "strategy", "router_init", "seed"):
+        table.add_row(key, str(d[key]))
+    table.add_row("params total / active", f"{d['params_total']:,} / {d['params_active']:,}")
+    table.add_row("bytes to write", f"{d['bytes_to_write']:,} in {len(d['shards'])} shard(s)")
+    if d["free_bytes"] is not None:
+        table.add_row("free disk", f"{d['free_bytes']:,}")
+    if d["dropped_tensors"]:
+        table.add_row("not carried", ", ".join(d["dropped_tensors"][:6]) + (" …" if len(d["dropped_tensors"]) > 6 else ""))
+    stdout.print(table)
+    moe = Table("MoE tensor", "shape", "dtype", title="MoE tensors (first layer)")
+    first = plan.moe_layers[0] if plan.moe_layers else None
+    for t in d["moe_tensors"]:
+        if first is not None and (f"layers.{first}." in t["name"] or f"layer.{first}." in t["name"]):
+            moe.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"])
+    stdout.print(moe)

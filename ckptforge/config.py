@@ -1,0 +1,102 @@
+"""The declarative options of an upcycling run, validated up front (all problems together).
+
+    >>> opts = UpcycleOptions(num_experts=4, top_k=2, layers="every-2")
+    >>> parse_layers(opts.layers, 4)
+    [1, 3]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+}
+ROUTER_INITS = ("normal", "zeros")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+@dataclass
+class UpcycleOptions:
+    """Everything the user chose for one conversion; recorded in ``ckptforge.json``."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    layers: str = "every-2"
+    strategy: str = "copy-all"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    router: dict[str, Any] = field(default_factory=lambda: {"type": "topk", "normalize": True})
+    router_init: str = "normal"
+    router_init_std: float = 0.02
+    seed: int = 0
+    dtype: str = "auto"
+    shard_size: int = 5 * 10**9
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def problems(self) -> list[str]:
+        """Problems that need no checkpoint to find."""
+        out = []
+        if self.num_experts < 2:
+            out.append(f"--experts {self.num_experts} makes no mixture; use 2 or more experts")
+        if self.top_k < 1:
+            out.append(f"--top-k {self.top_k} must be at least 1")
+        elif self.num_experts >= 2 and self.top_k > self.num_experts:
+            out.append(f"--top-k {self.top_k} is larger than --experts {self.num_experts}; use --top-k ≤ {self.num_experts}")
+        if self.router_init not in ROUTER_INITS:
+            out.append(f"--router-init {self.router_init!r} is not one of {', '.join(ROUTER_INITS)}")
+        if self.dtype not in DTYPES:
+            out.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.shard_size < 1:
+            out.append("--shard-size must be positive, e.g. 5GB or 500MB")
+        return out
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' → 5_000_000_000; '512MiB' → 536_870_912; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    unit = (m.group(2) or "").lower().rstrip("b") if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(f"size {text!r} is not understood; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Resolve ``all`` | ``every-N`` (layers N-1, 2N-1, …) | ``last-N`` | ``i,j,k`` to layer indices.
+
+    Raises ValueError with the fix in the message.
+    """
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(num_layers))
+    if m := re.fullmatch(r"every-(\d+)", spec):
+        step = int(m.group(1))
+        if step < 1:
+            raise ValueError("--layers every-N needs N ≥ 1")
+        return list(range(step - 1, num_layers, step))
+    if m := re.fullmatch(r"last-(\d+)", spec):
+        n = int(m.group(1))
+        if not 1 <= n <= num_layers:
+            raise ValueError(f"--layers last-{n} is out of range; the model has {num_layers} layers")
+        return list(range(num_layers - n, num_layers))
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--layers {spec!r} is not understood; use all, every-N, last-N or i,j,k") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"--layers {spec}: layer index {bad[0] if bad else '(none)'} is out of range; "
+            f"the model has layers 0..{num_layers - 1}"
+        )
+    return layers

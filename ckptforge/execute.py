@@ -1,0 +1,200 @@
+"""Follow a Plan: stream tensors from the dense checkpoint into the MoE checkpoint.
+
+Memory stays bounded by one layer's dense FFN plus the tensor being written: each MoE layer's FFN
+is read once, experts are materialised one at a time and written straight to the shard file.
+
+    >>> result = upcycle("examples/tiny-vit-mnist", "out/moe", UpcycleOptions(num_experts=4))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ckptforge import __version__
+from ckptforge.card import render_card
+from ckptforge.config import UpcycleOptions
+from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
+from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
+from ckptforge.loading import copy_files, write_remote_code
+from ckptforge.plan import Plan, PlannedTensor, build_plan
+from ckptforge.strategies import STRATEGIES, DenseFFN, LayerSelection
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class UpcycleResult:
+    """What a conversion wrote: the plan it followed, file hashes, and the verify report if run."""
+
+    out: Path
+    plan: Plan
+    files: dict[str, str]
+    seconds: float
+    verify: Any = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def upcycle(
+    source: str | Path,
+    out: str | Path,
+    options: UpcycleOptions,
+    *,
+    force: bool = False,
+    verify: bool = False,
+    tol: float = 1e-5,
+    stats: Any = None,
+    progress: Progress | None = None,
+) -> UpcycleResult:
+    """Convert ``source`` into an MoE checkpoint at ``out`` (atomic; nothing is written on a bad input)."""
+    start = time.perf_counter()
+    out = Path(out)
+    ckpt = open_checkpoint(str(source))
+    plan = build_plan(ckpt, options, out)
+    target = AtomicOutput(out, force)
+    target.check()
+    with target as tmp:
+        files = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress)
+        (tmp / "config.json").write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
+        if plan.output_format.remote_module:
+            write_remote_code(plan.output_format.remote_module, tmp)
+        copy_files(ckpt.aux_files(), tmp)
+        report = None
+        if verify:
+            from ckptforge.verify import verify_model
+
+            report = verify_model(tmp, against=ckpt, tol=tol, strategy=options.strategy)
+            report.moe_dir = str(out)
+        source_hashes = ckpt.file_hashes()
+        (tmp / "README.md").write_text(render_card(plan, ckpt, report))
+        provenance = _provenance(plan, ckpt, source_hashes, tmp, report)
+        (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    ckpt.close()
+    return UpcycleResult(out, plan, provenance["files"], time.perf_counter() - start, report, provenance)
+
+
+def write_tensors(plan: Plan, ckpt: DenseCheckpoint, out_dir: Path, *, stats: Any = None,
+                  progress: Progress | None = None) -> dict[str, str]:
+    """Write every planned tensor into its shard; returns shard name → sha256."""
+    layers = _LayerMaker(plan, ckpt, stats)
+    names = plan.shard_names()
+    hashes: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    for shard_name, indices in zip(names, plan.shards, strict=True):
+        planned = [plan.tensors[i] for i in indices]
+        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in planned]
+        chunks = (_counted(layers.pieces(t), progress) for t in planned)
+        hashes[shard_name] = write_shard(out_dir / shard_name, specs, chunks)
+        weight_map.update({t.name: shard_name for t in planned})
+    if len(names) > 1:
+        write_index(out_dir / "model.safetensors.index.json", weight_map, sum(t.nbytes for t in plan.tensors))
+    return hashes
+
+
+def _counted(pieces: Iterator[torch.Tensor], progress: Progress | None) -> Iterator[torch.Tensor]:
+    for piece in pieces:
+        yield piece
+        if progress is not None:
+            progress(piece.numel() * piece.element_size())
+
+
+def generator_for(seed: int, *keys: object) -> torch.Generator:
+    """A torch.Generator seeded from ``seed`` and ``keys``: the same keys give the same stream."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class _LayerMaker:
+    """Produces each planned tensor's data; reads a MoE layer's dense FFN once and caches it."""
+
+    def __init__(self, plan: Plan, ckpt: DenseCheckpoint, stats: Any):
+        from ckptforge.families import FAMILIES
+
+        self.plan, self.ckpt, self.stats = plan, ckpt, stats
+        self.family = FAMILIES[plan.family]
+        self.canonical = self.family.canonical_names(list(ckpt.tensors))
+        self.strategy = STRATEGIES[plan.options.strategy]
+        self._layer: int | None = None
+        self._ffn: DenseFFN | None = None
+        self._selection: LayerSelection | None = None
+
+    def pieces(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        opts = self.plan.options
+        if t.op == "copy":
+            yield self.ckpt.read(t.source)
+        elif t.op == "zeros":
+            yield torch.zeros(t.shape, dtype=t.dtype)
+        elif t.op == "router":
+            yield self._router(t)
+        else:
+            ffn, sel = self._load(t.layer)
+            experts = range(opts.num_experts) if t.expert is None else [t.expert]
+            for e in experts:
+                yield expert_tensor(ffn, sel, e, t.role, generator_for(opts.seed, t.layer, e, t.role))
+
+    def _router(self, t: PlannedTensor) -> torch.Tensor:
+        opts = self.plan.options
+        if opts.router_init == "zeros":
+            return torch.zeros(t.shape, dtype=t.dtype)
+        g = generator_for(opts.seed, t.layer, "router")
+        return (torch.randn(t.shape, generator=g) * opts.router_init_std).to(t.dtype)
+
+    def _load(self, layer: int) -> tuple[DenseFFN, LayerSelection]:
+        if self._layer != layer:
+            names = self.family.ffn_names(self.plan.source_prefix, layer)
+            weights = {role: self.ckpt.read(self.canonical[n]) for role, n in names.items() if n in self.canonical}
+            self._ffn = DenseFFN(weights)
+            opts = self.plan.options
+            layer_stats = self.stats.layer(layer) if self.stats is not None else None
+            self._selection = self.strategy.select(
+                self._ffn, opts.num_experts, opts.strategy_params, layer_stats, generator_for(opts.seed, layer, "select")
+            )
+            self._layer = layer
+        return self._ffn, self._selection
+
+
+def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator) -> torch.Tensor:
+    """Expert ``expert``'s tensor of ``role``: rows (gate/up/up_bias) or columns (down) of its units,
+    re-drawn units replaced from N(mean, std) of the dense matrix, Gaussian noise added."""
+    w = ffn.weights[role]
+    init = sel.experts[expert]
+    if role == "down_bias":
+        return w * sel.down_bias_scale if sel.down_bias_scale != 1.0 else w
+    full = init.units.numel() == w.shape[-1 if role == "down" else 0] and bool(
+        (init.units == torch.arange(init.units.numel())).all()
+    )
+    if full:
+        t = w
+    else:
+        t = w[:, init.units] if role == "down" else w[init.units]
+    if init.redraw is not None and init.redraw.numel():
+        t = t.clone()
+        ref = w.float()
+        shape = (t.shape[0], init.redraw.numel()) if role == "down" else (init.redraw.numel(), *t.shape[1:])
+        fresh = (torch.randn(shape, generator=g) * ref.std() + ref.mean()).to(t.dtype)
+        if role == "down":
+            t[:, init.redraw] = fresh
+        else:
+            t[init.redraw] = fresh
+    if sel.noise_std > 0 and not role.endswith("bias"):
+        t = (t.float() + torch.randn(t.shape, generator=g) * sel.noise_std).to(t.dtype)
+    return t
+
+
+def _provenance(plan: Plan, ckpt: DenseCheckpoint, source_hashes: dict[str, str], out_dir: Path,
+                report: Any) -> dict[str, Any]:
+    files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"}
+    return {
+        "ckptforge_version": __version__,
+        "source": {"ref": ckpt.source, "revision": ckpt.revision, "files": source_hashes},
+        "options": plan.options.to_dict(),
+        "plan": {k: v for k, v in plan.to_dict().items() if k not in ("moe_tensors", "free_bytes")},
+        "verify": report.to_dict() if report is not None else None,
+        "files": files,
+    }

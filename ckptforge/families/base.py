@@ -1,0 +1,144 @@
+"""What a family adapter and an output format describe, as data.
+
+A :class:`Family` knows a dense architecture: the FFN tensor names of layer ``{layer}`` (relative
+to the model's base prefix), the legacy ↔ transformers-5 renames, and its dimensions. An
+:class:`OutputFormat` knows an MoE checkpoint layout: the config it writes and the names of its
+router and expert tensors (``{layer}`` / ``{expert}`` templates).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Shape of an expert tensor by role, for expert width S and hidden size d.
+ROLE_SHAPES = {
+    "gate": lambda s, d: (s, d),
+    "up": lambda s, d: (s, d),
+    "up_bias": lambda s, d: (s,),
+    "down": lambda s, d: (d, s),
+    "down_bias": lambda s, d: (d,),
+}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a plan needs: layers, hidden size d, FFN width d_ff, activation, gated or not."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    gated: bool
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """The MoE shape a plan chose, handed to an output format to write its config."""
+
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    expert_width: int
+    router: dict[str, Any]
+    output_scale: float = 1.0
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """An MoE checkpoint layout. Templates are full tensor names with ``{layer}`` / ``{expert}``.
+
+    ``experts`` maps each expert tensor template to its role (gate, up, up_bias, down, down_bias).
+    When ``packed`` the templates have no ``{expert}`` and hold all experts stacked on axis 0.
+    ``zeros`` are extra tensors (template → shape as a function of d) written as zeros in every
+    MoE layer (e.g. a zero shared expert that keeps the dense function).
+    """
+
+    name: str
+    router: str
+    experts: dict[str, str]
+    packed: bool
+    zeros: dict[str, Any] = field(default_factory=dict)
+    remote_module: str | None = None
+
+    def expert_names(self, layer: int, num_experts: int) -> list[tuple[str, str, int | None]]:
+        """(name, role, expert or None when packed) for every expert tensor of ``layer``."""
+        if self.packed:
+            return [(t.format(layer=layer), role, None) for t, role in self.experts.items()]
+        return [
+            (t.format(layer=layer, expert=e), role, e)
+            for e in range(num_experts)
+            for t, role in self.experts.items()
+        ]
+
+
+class Family:
+    """Base class of family adapters; subclasses set the class attributes and ``output_format``."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    modality: str = "text"
+    #: FFN role → tensor name template relative to the base prefix, with ``{layer}``.
+    ffn: dict[str, str] = {}
+    #: Regex renames from transformers-5 in-memory names to the canonical (on-disk) names.
+    renames: tuple[tuple[str, str], ...] = ()
+    #: Base prefixes a checkpoint of this family may carry, longest first (e.g. "vit.", "").
+    base_prefixes: tuple[str, ...] = ("",)
+    #: A tensor (relative to the base prefix) every checkpoint of the family has.
+    anchor: str = ""
+
+    def why_not(self, config: dict[str, Any]) -> str | None:
+        """None when this family handles ``config``, else the reason it does not."""
+        model_type = config.get("model_type")
+        if model_type not in self.model_types:
+            return f"model_type {model_type!r} is not one of {', '.join(self.model_types)}"
+        return None
+
+    def dims(self, config: dict[str, Any]) -> Dims:
+        return Dims(
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            activation=str(config.get("hidden_act", "gelu")),
+            gated="gate" in self.ffn,
+        )
+
+    def canonical_names(self, names: list[str]) -> dict[str, str]:
+        """Map canonical (legacy on-disk) name → name as stored in the checkpoint."""
+        out: dict[str, str] = {}
+        for name in names:
+            canon = name
+            for pattern, repl in self.renames:
+                canon = re.sub(pattern, repl, canon)
+            out[canon] = name
+        return out
+
+    def base_prefix(self, canonical: set[str]) -> str | None:
+        for prefix in self.base_prefixes:
+            if prefix + self.anchor in canonical:
+                return prefix
+        return None
+
+    def ffn_names(self, prefix: str, layer: int) -> dict[str, str]:
+        """FFN role → canonical tensor name of ``layer``."""
+        return {role: prefix + t.format(layer=layer) for role, t in self.ffn.items()}
+
+    def check(self, config: dict[str, Any]) -> list[str]:
+        """Problems with a config this family matched (unsupported options); empty when fine."""
+        return []
+
+    def extra_config(self, config: dict[str, Any], prefix: str, names: set[str]) -> dict[str, Any]:
+        """Output config keys that depend on which tensors the source has."""
+        return {}
+
+    def output_format(self, config: dict[str, Any], moe_layers: list[int]) -> OutputFormat:
+        raise NotImplementedError
+
+    def output_config(self, config: dict[str, Any], fmt: OutputFormat, layout: MoELayout) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def output_prefix(self, config: dict[str, Any], output_config: dict[str, Any]) -> str:
+        """The base prefix of the output model's tensor names."""
+        return self.base_prefixes[0]

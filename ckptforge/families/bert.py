@@ -1,0 +1,45 @@
+"""BERT (BertModel, BertForSequenceClassification; other heads keep the encoder) → ``bert_moe``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .encoder import EncoderFamily
+
+
+class BertFamily(EncoderFamily):
+    name = "bert"
+    model_types = ("bert",)
+    modality = "text"
+    ffn = {
+        "up": "encoder.layer.{layer}.intermediate.dense.weight",
+        "up_bias": "encoder.layer.{layer}.intermediate.dense.bias",
+        "down": "encoder.layer.{layer}.output.dense.weight",
+        "down_bias": "encoder.layer.{layer}.output.dense.bias",
+    }
+    # Original Google checkpoints name LayerNorm parameters gamma / beta.
+    renames = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
+    base_prefixes = ("bert.", "")
+    anchor = "embeddings.word_embeddings.weight"
+    moe_model_type = "bert_moe"
+    config_class = "BertMoEConfig"
+    architectures = {
+        "BertForSequenceClassification": ("BertMoEForSequenceClassification", "bert."),
+        "BertModel": ("BertMoEModel", ""),
+    }
+    fallback = ("BertMoEModel", "")
+    auto_classes = {
+        "AutoModel": "BertMoEModel",
+        "AutoModelForSequenceClassification": "BertMoEForSequenceClassification",
+    }
+
+    def check(self, config: dict[str, Any]) -> list[str]:
+        problems = []
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            problems.append("BERT decoders / cross-attention are not supported; use an encoder checkpoint")
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            problems.append(
+                f"position_embedding_type {config.get('position_embedding_type')!r} is not supported; "
+                "only 'absolute' BERT checkpoints convert"
+            )
+        return problems

@@ -1,0 +1,1 @@
+"""Reading dense checkpoints (``source``) and writing MoE checkpoints (``writer``)."""

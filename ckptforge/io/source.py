@@ -1,0 +1,311 @@
+"""Resolve a source reference and read its tensors lazily, one at a time.
+
+A source is an alias (``vit-base``), a local ``.safetensors`` / ``.bin`` / ``.pt`` file, a local
+directory (single file or sharded with ``*.index.json``) or a Hub id ``org/name[@revision]``.
+
+    >>> ckpt = open_checkpoint("examples/tiny-vit-mnist")
+    >>> ckpt.config["model_type"], len(ckpt.tensors)
+    ('vit', 70)
+    >>> ckpt.read("classifier.weight").shape
+    torch.Size([10, 64])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptforge.errors import HubError, SourceError, UnsafeCheckpointError
+
+#: Short names for well-known dense checkpoints (``ckptforge inspect --aliases``).
+ALIASES: dict[str, str] = {
+    "vit-tiny": "WinKawaks/vit-tiny-patch16-224",
+    "vit-small": "WinKawaks/vit-small-patch16-224",
+    "vit-base": "google/vit-base-patch16-224",
+    "vit-base-in21k": "google/vit-base-patch16-224-in21k",
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+}
+
+#: What a Hub download fetches: configs, safetensors weights, tokenizer and preprocessor files.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+#: Files copied from the source into an output directory (tokenizer / preprocessor).
+AUX_FILE_PATTERNS = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "preprocessor_config.json",
+    "generation_config.json", "image_processor_config.json",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, known without reading its data."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class DenseCheckpoint:
+    """A checkpoint's config and a lazy map of its tensors. The state dict is never loaded whole."""
+
+    source: str
+    root: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    weight_files: list[Path]
+    revision: str | None = None
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (a copy, detached from the file)."""
+        info = self.tensors[name]
+        handle = self._handle(info.file)
+        if isinstance(handle, dict):
+            return handle[name].clone()
+        return handle.get_tensor(name)
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._handles:
+            self._handles[path] = _open_weights(path)[0]
+        return self._handles[path]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of config.json and every weight file, keyed by file name."""
+        files = [self.root / "config.json", *self.weight_files]
+        return {p.name: sha256_file(p) for p in files if p.is_file()}
+
+    def aux_files(self) -> list[Path]:
+        """Tokenizer / preprocessor files that travel into the output."""
+        return [self.root / n for n in AUX_FILE_PATTERNS if (self.root / n).is_file()]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_source(ref: str) -> tuple[Path, str | None]:
+    """Turn a source reference into a local path (file or directory) and the Hub revision, if any.
+
+    Local paths win over aliases and Hub ids. Hub ids download through
+    ``huggingface_hub.snapshot_download`` (honours HF_HOME, HF_HUB_OFFLINE, HF_TOKEN).
+    """
+    ref = str(ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path, None
+    target = ALIASES.get(ref, ref)
+    if not _HUB_ID.match(target) or ref.startswith((".", "/", "~")):
+        raise SourceError(
+            f"source '{ref}' not found: no such file or directory, and it is not an alias or a Hub id "
+            "(org/name[@revision]); check the path, or run 'ckptforge inspect --aliases'"
+        )
+    repo_id, _, revision = target.partition("@")
+    return download_from_hub(repo_id, revision or None), revision or None
+
+
+def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Download configs, safetensors weights and tokenizer / preprocessor files of a Hub repo."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        local = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS
+        )
+    except hf_errors.LocalEntryNotFoundError as exc:
+        raise HubError(
+            f"'{repo_id}' is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE or no network); download it once online, or pass a local path"
+        ) from exc
+    except hf_errors.GatedRepoError as exc:
+        raise HubError(
+            f"'{repo_id}' is gated; accept its terms on the Hub and set HF_TOKEN"
+        ) from exc
+    except hf_errors.RevisionNotFoundError as exc:
+        raise HubError(f"revision '{revision}' not found in '{repo_id}'; check the @revision") from exc
+    except hf_errors.RepositoryNotFoundError as exc:
+        raise HubError(
+            f"Hub repo '{repo_id}' not found or private; check the id, or set HF_TOKEN for a private repo"
+        ) from exc
+    except (hf_errors.HfHubHTTPError, OSError) as exc:
+        raise HubError(
+            f"downloading '{repo_id}' failed ({type(exc).__name__}); check the network or try again"
+        ) from exc
+    return Path(local)
+
+
+def open_checkpoint(ref: str | os.PathLike[str]) -> DenseCheckpoint:
+    """Resolve ``ref`` and index its tensors without reading their data."""
+    path, revision = resolve_source(str(ref))
+    root, weight_files = _find_weight_files(path)
+    config = _read_config(root, path)
+    tensors: dict[str, TensorInfo] = {}
+    handles: dict[Path, Any] = {}
+    for wf in weight_files:
+        handle, infos = _open_weights(wf)
+        handles[wf] = handle
+        for info in infos:
+            if info.name in tensors:
+                raise SourceError(f"tensor '{info.name}' appears in two weight files; the checkpoint is inconsistent")
+            tensors[info.name] = info
+    if not tensors:
+        raise SourceError(f"'{path}' holds no tensors; pass a checkpoint with weights")
+    return DenseCheckpoint(str(ref), root, config, tensors, weight_files, revision, handles)
+
+
+def _find_weight_files(path: Path) -> tuple[Path, list[Path]]:
+    if path.is_file():
+        if path.suffix != ".safetensors" and path.suffix not in _PICKLE_SUFFIXES:
+            raise SourceError(
+                f"'{path}' is not a checkpoint file; pass a .safetensors, .bin or .pt file or a directory"
+            )
+        return path.parent, [path]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise SourceError(f"'{index}' is not a valid shard index; re-download the checkpoint") from exc
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SourceError(f"shards listed in '{index.name}' are missing: {', '.join(missing)}; re-download them")
+            return path, files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return path, [path / single]
+    found = sorted(path.glob("*.safetensors")) or sorted(
+        p for s in _PICKLE_SUFFIXES for p in path.glob(f"*{s}")
+    )
+    if len(found) == 1:
+        return path, found
+    raise SourceError(
+        f"directory '{path}' holds no checkpoint (looked for model.safetensors, a *.index.json "
+        "shard index, or pytorch_model.bin); pass a directory that contains one"
+    )
+
+
+def _read_config(root: Path, given: Path) -> dict[str, Any]:
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        raise SourceError(
+            f"no config.json beside '{given}'; ckptforge needs the model config to detect the "
+            "architecture: put config.json next to the weights"
+        )
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError as exc:
+        raise SourceError(f"'{cfg}' is not valid JSON ({exc}); fix or re-download it") from exc
+
+
+def _open_weights(path: Path) -> tuple[Any, list[TensorInfo]]:
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path)
+    return _open_pickle(path)
+
+
+def _open_safetensors(path: Path) -> tuple[Any, list[TensorInfo]]:
+    from safetensors import safe_open
+
+    _check_safetensors_size(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+        infos = []
+        for name in handle.keys():
+            sl = handle.get_slice(name)
+            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+            if dtype is None:
+                raise SourceError(f"tensor '{name}' in '{path.name}' has unsupported dtype {sl.get_dtype()}")
+            infos.append(TensorInfo(name, path, dtype, tuple(sl.get_shape())))
+    except SourceError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses
+        raise SourceError(
+            f"'{path}' is not a valid safetensors file ({exc}); re-download or re-export it"
+        ) from exc
+    return handle, infos
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """Reject truncated files up front: header length + largest data offset must equal file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SourceError(f"'{path}' is not a valid safetensors file (only {size} bytes); re-download it")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise SourceError(f"'{path}' is not a valid safetensors file (bad header length); re-download it")
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SourceError(f"'{path}' is not a valid safetensors file (bad header); re-download it") from exc
+    if 8 + n + end != size:
+        raise SourceError(
+            f"'{path}' is truncated or padded ({size} bytes, header says {8 + n + end}); re-download it"
+        )
+
+
+def _open_pickle(path: Path) -> tuple[dict[str, torch.Tensor], list[TensorInfo]]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"'{path}' is a pickle that carries code or unsupported objects, refused (it was not "
+            "executed); convert it to safetensors from a trusted environment"
+        ) from exc
+    except Exception as exc:
+        raise SourceError(f"'{path}' is not a readable PyTorch checkpoint ({type(exc).__name__}); re-download it") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"'{path}' does not hold a flat state dict of tensors; save model.state_dict()")
+    infos = [TensorInfo(k, path, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    return state, infos

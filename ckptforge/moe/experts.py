@@ -1,0 +1,57 @@
+"""Experts stored as stacked tensors, computed one gathered batch per expert."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class StackedExperts(nn.Module):
+    """E two-layer FFN experts (d → S → d) with weights stacked along a leading expert axis.
+
+    Parameter names are part of the checkpoint format: ``w1`` (E, S, d), ``b1`` (E, S),
+    ``w2`` (E, d, S), ``b2`` (E, d).
+
+        >>> experts = StackedExperts(num_experts=4, hidden_size=8, expert_width=16, activation="gelu")
+        >>> experts.expert_forward(0, torch.randn(3, 8)).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_width: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, expert_width, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, expert_width))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, expert_width)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
+        self.act = ACT2FN[activation]
+        nn.init.normal_(self.w1, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Run expert ``expert`` on the tokens ``x`` (n, d) it was given."""
+        h = x @ self.w1[expert].T
+        if self.b1 is not None:
+            h = h + self.b1[expert]
+        h = self.act(h) @ self.w2[expert].T
+        if self.b2 is not None:
+            h = h + self.b2[expert]
+        return h
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Combine the experts' outputs: token t gets Σ_j weights[t, j] · expert[expert_index[t, j]](x_t).
+
+        ``x`` (T, d); ``expert_index`` and ``weights`` (T, k). Entries with index −1 are skipped
+        (dropped by capacity). Each expert gathers its tokens once; no loop over tokens.
+        """
+        out = torch.zeros_like(x)
+        flat_index = expert_index.reshape(-1)
+        flat_weight = weights.reshape(-1)
+        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(expert_index.shape[1])
+        for e in torch.unique(flat_index[flat_index >= 0]).tolist():
+            sel = (flat_index == e).nonzero(as_tuple=True)[0]
+            tokens = token_of[sel]
+            y = self.expert_forward(e, x[tokens]) * flat_weight[sel, None].to(x.dtype)
+            out.index_add_(0, tokens, y)
+        return out

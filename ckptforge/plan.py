@@ -1,0 +1,266 @@
+"""Plan: everything decided before a tensor is read. Pure data; ``--dry-run`` prints it.
+
+    >>> ckpt = open_checkpoint("examples/tiny-vit-mnist")            # doctest: +SKIP
+    >>> plan = build_plan(ckpt, UpcycleOptions(num_experts=4))        # doctest: +SKIP
+    >>> plan.moe_layers, plan.params_active < plan.params_total        # doctest: +SKIP
+    ([1, 3], True)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptforge.config import DTYPES, UpcycleOptions, parse_layers
+from ckptforge.errors import DiskSpaceError, PlanError
+from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
+from ckptforge.families.base import ROLE_SHAPES
+from ckptforge.io.source import DenseCheckpoint
+from ckptforge.strategies import STRATEGIES
+
+_LAYER_OF = re.compile(r"layers?\.(\d+)\.")
+_HEADER_ALLOWANCE = 1 << 20  # per shard, for the safetensors JSON header
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor and how to make it.
+
+    ``op``: ``copy`` (from ``source``), ``expert`` (role of expert ``expert``, or all experts
+    stacked when ``expert`` is None), ``router`` or ``zeros``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    op: str
+    source: str | None = None
+    layer: int | None = None
+    role: str | None = None
+    expert: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class Plan:
+    """What a conversion will do; built by :func:`build_plan`, followed by ``execute``."""
+
+    source: str
+    family: str
+    output_format: OutputFormat
+    dims: Dims
+    moe_layers: list[int]
+    options: UpcycleOptions
+    expert_width: int
+    source_prefix: str
+    output_config: dict[str, Any]
+    tensors: list[PlannedTensor]
+    shards: list[list[int]]
+    dropped: list[str] = field(default_factory=list)
+    free_bytes: int | None = None
+
+    @property
+    def params_total(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token uses: all but the (E−k)/E unused share of each MoE layer's experts."""
+        e, k = self.options.num_experts, self.options.top_k
+        expert = sum(t.numel for t in self.tensors if t.op == "expert")
+        return self.params_total - expert + expert * k // e
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(t.nbytes for t in self.tensors) + _HEADER_ALLOWANCE * len(self.shards)
+
+    def shard_names(self) -> list[str]:
+        n = len(self.shards)
+        if n == 1:
+            return ["model.safetensors"]
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "family": self.family,
+            "output_format": self.output_format.name,
+            "architecture": (self.output_config.get("architectures") or [None])[0],
+            "num_layers": self.dims.num_layers,
+            "hidden_size": self.dims.hidden_size,
+            "intermediate_size": self.dims.intermediate_size,
+            "moe_layers": self.moe_layers,
+            "num_experts": self.options.num_experts,
+            "top_k": self.options.top_k,
+            "expert_width": self.expert_width,
+            "strategy": self.options.strategy,
+            "strategy_params": self.options.strategy_params,
+            "router": self.options.router,
+            "router_init": self.options.router_init,
+            "seed": self.options.seed,
+            "params_total": self.params_total,
+            "params_active": self.params_active,
+            "tensors": len(self.tensors),
+            "shards": self.shard_names(),
+            "bytes_to_write": self.bytes_to_write,
+            "free_bytes": self.free_bytes,
+            "dropped_tensors": self.dropped,
+            "moe_tensors": [
+                {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                for t in self.tensors if t.op in ("expert", "router")
+            ],
+        }
+
+
+def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None = None) -> Plan:
+    """Validate ``options`` against ``ckpt`` (all problems at once) and lay out every output tensor."""
+    config = ckpt.config
+    family = detect_family(config)
+    problems = options.problems() + family.check(config)
+    dims = family.dims(config)
+    try:
+        moe_layers = parse_layers(options.layers, dims.num_layers)
+    except ValueError as exc:
+        problems.append(str(exc))
+        moe_layers = []
+    canonical = family.canonical_names(list(ckpt.tensors))
+    prefix = family.base_prefix(set(canonical))
+    if prefix is None:
+        problems.append(
+            f"the tensors do not look like a {family.name} checkpoint (no "
+            f"{' or '.join(p + family.anchor for p in family.base_prefixes)}); check the source"
+        )
+    strategy = STRATEGIES.get(options.strategy)
+    expert_width = dims.intermediate_size
+    if strategy is None:
+        problems.append(f"unknown strategy {options.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    else:
+        problems += strategy.validate(options.strategy_params, dims.intermediate_size,
+                                      options.num_experts, options.top_k)
+        expert_width = strategy.expert_width(options.strategy_params, dims.intermediate_size)
+    if prefix is not None:
+        problems += _missing_ffn(family, prefix, moe_layers, canonical)
+    if problems:
+        raise PlanError(problems)
+
+    fmt = family.output_format(config, moe_layers)
+    layout = MoELayout(
+        moe_layers=tuple(moe_layers), num_experts=options.num_experts, top_k=options.top_k,
+        expert_width=expert_width, router=dict(options.router),
+        output_scale=strategy.output_scale(options.strategy_params, options.num_experts, options.top_k),
+        extra_config=family.extra_config(config, prefix, set(canonical)),
+    )
+    out_config = family.output_config(config, fmt, layout)
+    tensors, dropped = _lay_out(ckpt, family, fmt, dims, prefix, canonical, moe_layers, options,
+                                expert_width, out_config)
+    plan = Plan(ckpt.source, family.name, fmt, dims, moe_layers, options, expert_width, prefix,
+                out_config, tensors, _shard(tensors, options.shard_size), dropped)
+    if out is not None:
+        plan.free_bytes = _free_bytes(out)
+        if plan.free_bytes < plan.bytes_to_write:
+            raise DiskSpaceError(
+                f"not enough free disk at {out.parent}: the output needs {plan.bytes_to_write / 1e9:.2f} GB, "
+                f"{plan.free_bytes / 1e9:.2f} GB free; free space or choose another --out"
+            )
+    return plan
+
+
+def _missing_ffn(family: Family, prefix: str, moe_layers: list[int], canonical: dict[str, str]) -> list[str]:
+    missing = [
+        name for layer in moe_layers for name in family.ffn_names(prefix, layer).values() if name not in canonical
+    ]
+    if not missing:
+        return []
+    return [f"FFN tensor {missing[0]} is missing from the checkpoint ({len(missing)} missing); the checkpoint is incomplete"]
+
+
+def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dims, prefix: str,
+             canonical: dict[str, str], moe_layers: list[int], options: UpcycleOptions,
+             expert_width: int, out_config: dict[str, Any]) -> tuple[list[PlannedTensor], list[str]]:
+    forced = DTYPES[options.dtype]
+    ffn_of = {layer: family.ffn_names(prefix, layer) for layer in moe_layers}
+    moe_ffn = {name for names in ffn_of.values() for name in names.values()}
+    tensors: list[PlannedTensor] = []
+    for layer in moe_layers:
+        ffn_dtype = forced or ckpt.tensors[canonical[ffn_of[layer]["up"]]].dtype
+        e, d = options.num_experts, dims.hidden_size
+        tensors.append(PlannedTensor(fmt.router.format(layer=layer), (e, d), ffn_dtype, "router", layer=layer))
+        for name, role, expert in fmt.expert_names(layer, e):
+            if role.endswith("bias") and ffn_of[layer].get(role) not in canonical:
+                continue
+            shape = ROLE_SHAPES[role](expert_width, d)
+            shape = shape if expert is not None else (e, *shape)
+            tensors.append(PlannedTensor(name, shape, ffn_dtype, "expert", layer=layer, role=role, expert=expert))
+        for template, shape_of in fmt.zeros.items():
+            tensors.append(PlannedTensor(template.format(layer=layer), shape_of(d), ffn_dtype, "zeros", layer=layer))
+    wanted = _expected_names(fmt, out_config)
+    out_prefix = family.output_prefix(ckpt.config, out_config)
+    used: set[str] = set()
+    for canon, stored in canonical.items():
+        if canon in moe_ffn:
+            used.add(canon)
+            continue
+        name = out_prefix + canon[len(prefix):] if canon.startswith(prefix) else canon
+        if wanted is not None and name not in wanted:
+            continue
+        info = ckpt.tensors[stored]
+        tensors.append(PlannedTensor(name, info.shape, forced or info.dtype, "copy", source=stored))
+        used.add(canon)
+    planned = {t.name for t in tensors}
+    if wanted is not None and (absent := sorted(wanted - planned)):
+        raise PlanError([f"the source has no tensor for {absent[0]} ({len(absent)} missing); the checkpoint is incomplete"])
+    tensors.sort(key=lambda t: (_layer_of(t.name), t.name))
+    return tensors, sorted(set(canonical) - used)
+
+
+def _expected_names(fmt: OutputFormat, out_config: dict[str, Any]) -> set[str] | None:
+    """For ckptforge's own formats: the exact tensor names the modeling class declares."""
+    if fmt.remote_module is None:
+        return None
+    from ckptforge.loading import state_names
+
+    return state_names(out_config)
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER_OF.search(name)
+    return int(m.group(1)) if m else (-1 if "embed" in name else 1 << 30)
+
+
+def _shard(tensors: list[PlannedTensor], shard_size: int) -> list[list[int]]:
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, t in enumerate(tensors):
+        if shards[-1] and size + t.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += t.nbytes
+    return shards
+
+
+def _free_bytes(out: Path) -> int:
+    probe = out.resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def plan_summary_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=2)

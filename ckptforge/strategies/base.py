@@ -1,0 +1,77 @@
+"""What a strategy receives and returns. Strategies are pure: (weights, statistics, rng) → index sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class DenseFFN:
+    """One dense FFN's weights by role: up (d_ff×d) [, gate (d_ff×d)], down (d×d_ff), optional biases."""
+
+    weights: dict[str, torch.Tensor]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.weights["up"].shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weights["up"].shape[1]
+
+
+@dataclass
+class ExpertInit:
+    """One expert: the hidden units ``units`` (sorted indices into d_ff) it takes from the dense FFN,
+    and ``redraw`` — positions within ``units`` whose weights are re-drawn (Drop-Upcycling)."""
+
+    units: torch.Tensor
+    redraw: torch.Tensor | None = None
+
+
+@dataclass
+class LayerSelection:
+    """A strategy's answer for one MoE layer.
+
+    ``down_bias_scale`` multiplies each expert's copy of the dense output bias (1 for copy-all with
+    renormalised weights; 1/k makes partitions count b2 once). ``noise_std`` adds Gaussian noise to
+    every expert weight.
+    """
+
+    experts: list[ExpertInit]
+    down_bias_scale: float = 1.0
+    noise_std: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class: subclasses set ``name`` and implement ``select``."""
+
+    name: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def validate(self, params: dict[str, Any], intermediate_size: int, num_experts: int, top_k: int) -> list[str]:
+        """Problems with ``params`` for this FFN size; empty when fine (checked before any tensor is read)."""
+        return []
+
+    def expert_width(self, params: dict[str, Any], intermediate_size: int) -> int:
+        """Width S of every expert."""
+        return intermediate_size
+
+    def output_scale(self, params: dict[str, Any], num_experts: int, top_k: int) -> float:
+        """Factor on the combined expert output, stored in the output config (granular scaling)."""
+        return 1.0
+
+    def select(
+        self,
+        ffn: DenseFFN,
+        num_experts: int,
+        params: dict[str, Any],
+        stats: Any,
+        generator: torch.Generator,
+    ) -> LayerSelection:
+        raise NotImplementedError

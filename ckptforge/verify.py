@@ -1,0 +1,144 @@
+"""Prove a conversion: run the dense and the MoE model on the same inputs and compare.
+
+Reports, per MoE layer, the max-abs and relative L2 error of that layer's output hidden states,
+and the same for the final output (logits, or the last hidden state of a bare encoder).
+
+    >>> report = verify_model("out/tiny-vit-moe")                   # doctest: +SKIP
+    >>> report.passed, report.final.relative < 1e-5                 # doctest: +SKIP
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptforge.errors import SourceError
+from ckptforge.io.source import DenseCheckpoint, open_checkpoint
+from ckptforge.loading import load_model
+
+#: Strategies whose MoE computes the dense function exactly at init (with the default router).
+EXACT_STRATEGIES = {"copy-all"}
+
+
+@dataclass
+class Error:
+    max_abs: float
+    relative: float
+
+
+@dataclass
+class VerifyReport:
+    """Per-MoE-layer and final-output errors, the tolerance and whether the check passed."""
+
+    moe_dir: str
+    against: str
+    tol: float
+    layers: dict[int, Error]
+    final: Error
+    inputs: str
+    exact_expected: bool
+    passed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        worst = max([self.final.relative, *(e.relative for e in self.layers.values())])
+        self.passed = worst <= self.tol
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = {str(k): asdict(v) for k, v in self.layers.items()}
+        return d
+
+    def to_markdown(self) -> str:
+        status = "passed" if self.passed else "above tolerance"
+        rows = [f"| layer {k} | {e.max_abs:.3e} | {e.relative:.3e} |" for k, e in self.layers.items()]
+        rows.append(f"| final output | {self.final.max_abs:.3e} | {self.final.relative:.3e} |")
+        gap = "" if self.exact_expected else (
+            "\n\nThis strategy does not reproduce the dense function at init; the numbers are its "
+            "*init gap*, which fine-tuning (`ckptforge finetune`) closes."
+        )
+        return (
+            f"`ckptforge verify` against `{self.against}` on {self.inputs}: **{status}** (tol {self.tol:g}, "
+            "relative L2).\n\n| output | max abs error | relative error |\n|---|---|---|\n"
+            + "\n".join(rows) + gap
+        )
+
+
+def verify_model(
+    moe_dir: str | Path,
+    against: str | DenseCheckpoint | None = None,
+    *,
+    tol: float = 1e-5,
+    batch_size: int = 2,
+    seq_len: int = 16,
+    seed: int = 0,
+    strategy: str | None = None,
+) -> VerifyReport:
+    """Compare the MoE at ``moe_dir`` with its dense source (from ``ckptforge.json`` unless given)."""
+    moe_dir = Path(moe_dir)
+    moe_config = _read_json(moe_dir / "config.json")
+    provenance = _read_json(moe_dir / "ckptforge.json") if (moe_dir / "ckptforge.json").is_file() else {}
+    if against is None:
+        against = (provenance.get("source") or {}).get("ref")
+        if against is None:
+            raise SourceError(f"'{moe_dir}' has no ckptforge.json naming its source; pass --against SOURCE")
+    dense_ckpt = against if isinstance(against, DenseCheckpoint) else open_checkpoint(against)
+    strategy = strategy or (provenance.get("options") or {}).get("strategy")
+    dense = load_model(_weights_path(dense_ckpt), dense_ckpt.config)
+    moe = load_model(moe_dir, moe_config)
+    inputs, description = make_inputs(dense_ckpt.config, batch_size, seq_len, seed)
+    with torch.no_grad():
+        d_out = dense(**inputs, output_hidden_states=True)
+        m_out = moe(**inputs, output_hidden_states=True)
+    layers = {
+        layer: _error(d_out.hidden_states[layer + 1], m_out.hidden_states[layer + 1])
+        for layer in _moe_layers(moe_config)
+    }
+    final_key = "logits" if getattr(d_out, "logits", None) is not None else "last_hidden_state"
+    final = _error(getattr(d_out, final_key), getattr(m_out, final_key))
+    return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description,
+                        strategy in EXACT_STRATEGIES)
+
+
+def make_inputs(config: dict[str, Any], batch_size: int, seq_len: int, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Seeded inputs of the model's modality: images for ViT, token ids for text models."""
+    g = torch.Generator().manual_seed(seed)
+    if config.get("model_type", "").startswith("vit"):
+        size = config.get("image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        shape = (batch_size, config.get("num_channels", 3), size, size)
+        return {"pixel_values": torch.randn(shape, generator=g)}, f"{batch_size} random images {tuple(shape[1:])}"
+    vocab = int(config.get("vocab_size", 1000))
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids}, f"{batch_size}×{seq_len} random token ids"
+
+
+def _moe_layers(config: dict[str, Any]) -> list[int]:
+    if "moe_layers" in config:
+        return list(config["moe_layers"])
+    n = int(config["num_hidden_layers"])
+    dense = set(config.get("mlp_only_layers") or [])
+    return [i for i in range(n) if i not in dense]
+
+
+def _error(reference: torch.Tensor, candidate: torch.Tensor) -> Error:
+    ref, cand = reference.double(), candidate.double()
+    diff = cand - ref
+    norm = ref.norm().item()
+    return Error(diff.abs().max().item(), diff.norm().item() / norm if norm else diff.norm().item())
+
+
+def _weights_path(ckpt: DenseCheckpoint) -> Path:
+    if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name not in ("model.safetensors", "pytorch_model.bin"):
+        return ckpt.weight_files[0]
+    return ckpt.root
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SourceError(f"'{path}' is missing; pass a ckptforge output directory")
+    return json.loads(path.read_text())
