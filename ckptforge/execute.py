@@ -69,7 +69,7 @@ def upcycle(
         if verify:
             from ckptforge.verify import verify_model
 
-            report = verify_model(tmp, against=ckpt, tol=tol, strategy=options.strategy)
+            report = verify_model(tmp, against=ckpt, tol=tol, options=options.to_dict())
             report.moe_dir = str(out)
         source_hashes = ckpt.file_hashes()
         (tmp / "README.md").write_text(render_card(plan, ckpt, report))

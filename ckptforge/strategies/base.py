@@ -62,6 +62,10 @@ class Strategy:
         """Width S of every expert."""
         return intermediate_size
 
+    def exact(self, params: dict[str, Any]) -> bool:
+        """True when, with these params, the MoE computes the dense function exactly at init."""
+        return False
+
     def output_scale(self, params: dict[str, Any], num_experts: int, top_k: int) -> float:
         """Factor on the combined expert output, stored in the output config (granular scaling)."""
         return 1.0
