@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -59,8 +60,9 @@ def upcycle(
     plan = build_plan(ckpt, options, out)
     target = AtomicOutput(out, force)
     target.check()
-    with target as tmp:
-        files = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress)
+    with ThreadPoolExecutor(max_workers=1) as pool, target as tmp:
+        source_hashes = pool.submit(ckpt.file_hashes)  # reads the source again; overlaps the writing
+        shard_hashes = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress)
         (tmp / "config.json").write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
         if plan.output_format.remote_module:
             write_remote_code(plan.output_format.remote_module, tmp)
@@ -71,9 +73,8 @@ def upcycle(
 
             report = verify_model(tmp, against=ckpt, tol=tol, options=options.to_dict())
             report.moe_dir = str(out)
-        source_hashes = ckpt.file_hashes()
         (tmp / "README.md").write_text(render_card(plan, ckpt, report))
-        provenance = _provenance(plan, ckpt, source_hashes, tmp, report)
+        provenance = _provenance(plan, ckpt, source_hashes.result(), tmp, shard_hashes, report)
         (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     ckpt.close()
     return UpcycleResult(out, plan, provenance["files"], time.perf_counter() - start, report, provenance)
@@ -188,8 +189,11 @@ def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g:
 
 
 def _provenance(plan: Plan, ckpt: DenseCheckpoint, source_hashes: dict[str, str], out_dir: Path,
-                report: Any) -> dict[str, Any]:
-    files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"}
+                shard_hashes: dict[str, str], report: Any) -> dict[str, Any]:
+    files = {
+        p.name: shard_hashes.get(p.name) or sha256_file(p)
+        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"
+    }
     return {
         "ckptforge_version": __version__,
         "source": {"ref": ckpt.source, "revision": ckpt.revision, "files": source_hashes},
