@@ -152,7 +152,8 @@ def make_accelerator(device: str, precision: str) -> Any:
         raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or --device auto")
     on_gpu = device != "cpu" and torch.cuda.is_available()
     mixed = {"auto": "bf16" if on_gpu else "no", "fp32": "no", "bf16": "bf16"}[precision]
-    return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+    # cpu=True without a GPU: otherwise accelerate ignores a torchrun / `accelerate launch` world on CPU
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
 
 
 def _release(accelerator: Any) -> None:
