@@ -163,7 +163,7 @@ def collect_stats(ckpt: DenseCheckpoint, data: CalibrationSet, layers: list[int]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family = detect_family(ckpt.config)
     dims = family.dims(ckpt.config)
-    model = load_model(_weights_path(ckpt), ckpt.config).to(device)
+    model = load_model(dense_weights_path(ckpt), ckpt.config).to(device)
     result = {i: LayerStats(dims.intermediate_size, dims.hidden_size, threshold, needs, device) for i in layers}
     runner = _HookedForward(model, family, layers, result, "centroids" in needs)
     with torch.no_grad(), runner.hooked():
@@ -287,7 +287,8 @@ def missing_calibration_message(options: Any) -> str:
             "(a folder of images, a .txt/.jsonl file or a dataset)")
 
 
-def _weights_path(ckpt: DenseCheckpoint) -> Path:
+def dense_weights_path(ckpt: DenseCheckpoint) -> Path:
+    """What :func:`ckptforge.loading.load_model` loads the dense checkpoint from."""
     if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name not in ("model.safetensors", "pytorch_model.bin"):
         return ckpt.weight_files[0]
     return ckpt.root
