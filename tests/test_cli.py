@@ -73,7 +73,7 @@ def test_verify_fails_with_exit_1_above_tolerance(tiny, tmp_path, capsys):
     (["--experts", "1", "--layers", "9"], 2,
      "error: --experts 1 makes no mixture; use 2 or more experts; --layers 9: layer index 9 is out of range; "
      "the model has layers 0..3"),
-    (["--router-init", "magic"], 2, "error: --router-init 'magic' is not one of normal, zeros"),
+    (["--router-init", "magic"], 2, "error: --router-init 'magic' is not one of normal, zeros, centroid"),
     (["--shard-size", "lots"], 2,
      "error: --shard-size: size 'lots' is not understood; write e.g. 5GB, 500MB or 2GiB"),
 ])
