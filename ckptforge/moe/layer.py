@@ -72,7 +72,7 @@ def _soft(d: int, s: int, e: int, k: int, act: str, router: dict, scale: float) 
     return SoftMoEFeedForward(
         d, s, e, act, slots=router.get("slots", 1), temperature=router.get("temperature", 0.5),
         universal_experts=router.get("universal_experts", 2 * e) if dual else 0,
-        universal_width=router.get("universal_width", max(1, round(s / 4))) if dual else 0,
+        universal_width=universal_width(router, s) if dual else 0,
         combine=router.get("combine", "softmax"), expert_dropout=router.get("expert_dropout", 0.0),
         drop_path=router.get("drop_path", 0.0), output_scale=scale,
     )
@@ -83,6 +83,11 @@ def _multihead(d: int, s: int, e: int, k: int, act: str, router: dict, scale: fl
                                     **{key: router[key] for key in _TOPK_KEYS if key in router})
     block.aux_loss_weight = float(router.get("aux_loss_weight", 0.01))
     return block
+
+
+def universal_width(router: dict[str, Any], expert_width: int) -> int:
+    """Width of SpheroMoE's universal experts: ``universal_ratio`` (¼ by default) of the core width."""
+    return max(1, round(expert_width * router.get("universal_ratio", 0.25)))
 
 
 #: Router type → builder(hidden, expert_width, experts, top_k, activation, router settings, output_scale).
@@ -151,7 +156,7 @@ def moe_tensor_layout(router: dict[str, Any], hidden_size: int, num_experts: int
         groups = [core]
         if kind == "sphero":
             groups.append(ExpertGroup("universal_experts", router.get("universal_experts", 2 * e),
-                                      router.get("universal_width", max(1, round(expert_width / 4))), d, first=e))
+                                      universal_width(router, expert_width), d, first=e))
         slots = sum(g.count for g in groups) * router.get("slots", 1)
         t = float(router.get("temperature", 0.5))
         extras = {"router.slots": ((slots, d), "orthogonal"), "router.norm.weight": ((d,), "ones"),
