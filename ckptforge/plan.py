@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckptforge.config import DTYPES, UpcycleOptions, parse_layers, router_problems
+from ckptforge.config import DTYPES, UpcycleOptions, parse_layers, router_problems, ROUTER_SETTINGS
 from ckptforge.errors import DiskSpaceError, PlanError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
@@ -186,7 +186,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
 
 def _router_problems(family: Family, options: UpcycleOptions, dims: Dims, found: list[str]) -> list[str]:
     kind = options.router.get("type", "topk")
-    if kind not in family.routers:
+    if kind in ROUTER_SETTINGS and kind not in family.routers:
         return [f"--router {kind} is not available for the {family.name} family: its output loads with the stock "
                 f"transformers router ({', '.join(family.routers)}); drop --router or convert a ViT or BERT model"]
     return [p for p in router_problems(options.router, dims.hidden_size) if p not in found]
