@@ -16,6 +16,7 @@ from ckptforge import __version__
 from ckptforge.errors import CkptforgeError
 
 from . import inspect as inspect_cmd
+from . import routes as routes_cmd
 from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
 from .errors import BAD_USAGE, exit_code_for, message_for
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.command()(upcycle_cmd.upcycle)
 app.command()(verify_cmd.verify)
 app.command()(inspect_cmd.inspect)
+app.command()(routes_cmd.routes)
 
 
 def _version(value: bool) -> None:
