@@ -69,10 +69,15 @@ class StackedExperts(nn.Module):
         tokens = token_of[order]
         gathered = x[tokens]
         flat_weight = weights.reshape(-1)[order, None].to(x.dtype)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                part = slice(start, start + n)
-                out.index_add_(0, tokens[part], self.expert_forward(e, gathered[part]) * flat_weight[part])
-                start += n
+        # unbind once: indexing w1[e] per expert would give every expert a full-size (E, S, d) gradient
+        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
+        b1 = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
+        b2 = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
+        ys = []
+        for e, part in enumerate(gathered.split(counts)):
+            if part.shape[0]:
+                h = self.act(nn.functional.linear(part, w1[e], b1[e]))
+                ys.append(nn.functional.linear(h, w2[e], b2[e]))
+        if ys:
+            out.index_add_(0, tokens, torch.cat(ys) * flat_weight)
         return out
