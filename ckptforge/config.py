@@ -64,7 +64,61 @@ class UpcycleOptions:
             out.append("--calib-samples and --calib-batch-size must be at least 1")
         if self.shard_size < 1:
             out.append("--shard-size must be positive, e.g. 5GB or 500MB")
-        return out
+        return out + router_problems(self.router)
+
+
+# --- routers (issue 4) -------------------------------------------------------------------------
+#: Router type → the settings it takes (the CLI flag of each is ``--`` + key with ``-``).
+ROUTER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "topk": ("normalize", "noise_std", "capacity_factor", "bpr", "aux_loss_weight"),
+    "expert-choice": ("capacity_factor",),
+    "soft": ("slots", "temperature", "combine", "expert_dropout", "drop_path"),
+    "sphero": ("slots", "temperature", "combine", "expert_dropout", "drop_path", "universal_experts",
+               "universal_ratio"),
+    "mh": ("heads", "normalize", "noise_std", "capacity_factor", "bpr", "aux_loss_weight"),
+}
+_FLAG = {"noise_std": "--router-noise"}
+
+
+def router_settings(kind: str, **given: Any) -> dict[str, Any]:
+    """The ``UpcycleOptions.router`` dict for ``--router kind`` and the router flags that were given (not None).
+
+        >>> router_settings("topk", capacity_factor=1.05, bpr=True, slots=None)
+        {'type': 'topk', 'normalize': True, 'capacity_factor': 1.05, 'bpr': True}
+    """
+    out: dict[str, Any] = {"type": kind}
+    if kind in ("topk", "mh"):
+        out["normalize"] = True
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+def router_problems(router: dict[str, Any], hidden_size: int | None = None) -> list[str]:
+    """Problems with a router's settings (``UpcycleOptions.router``); all of them, with the fix.
+
+        >>> router_problems({"type": "mh", "heads": 5}, hidden_size=32)
+        ['--heads 5 does not divide hidden size 32; use a divisor of 32']
+    """
+    kind = router.get("type", "topk")
+    if kind not in ROUTER_SETTINGS:
+        return [f"--router {kind!r} is not one of {', '.join(ROUTER_SETTINGS)}"]
+    out = [f"{_FLAG.get(k, '--' + k.replace('_', '-'))} does not apply to --router {kind}; drop it"
+           for k in router if k not in (*ROUTER_SETTINGS[kind], "type")]
+    for key in ("capacity_factor", "slots", "heads", "universal_ratio", "temperature"):
+        if key in router and router[key] is not None and router[key] <= 0:
+            out.append(f"{_FLAG.get(key, '--' + key.replace('_', '-'))} {router[key]} must be positive")
+    for key in ("noise_std", "aux_loss_weight", "universal_experts"):
+        if router.get(key) is not None and router[key] < 0:
+            out.append(f"{_FLAG.get(key, '--' + key.replace('_', '-'))} {router[key]} must not be negative")
+    for key in ("expert_dropout", "drop_path"):
+        if not 0 <= router.get(key, 0) < 1:
+            out.append(f"--{key.replace('_', '-')} {router[key]} must be in [0, 1)")
+    if router.get("combine", "softmax") not in ("softmax", "entmax15"):
+        out.append(f"--combine {router['combine']!r} is not one of softmax, entmax15")
+    heads = router.get("heads")
+    if hidden_size is not None and heads and heads > 0 and hidden_size % heads:
+        out.append(f"--heads {heads} does not divide hidden size {hidden_size}; use a divisor of {hidden_size}")
+    return out
 
 
 def parse_size(text: str | int) -> int:

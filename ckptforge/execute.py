@@ -24,8 +24,9 @@ from ckptforge.config import UpcycleOptions
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
 from ckptforge.loading import copy_files, write_remote_code
+from ckptforge.moe import moe_tensor_layout
 from ckptforge.plan import Plan, PlannedTensor, build_plan
-from ckptforge.strategies import STRATEGIES, DenseFFN, LayerSelection
+from ckptforge.strategies import STRATEGIES, DenseFFN, ExpertInit, LayerSelection
 
 Progress = Callable[[int], None]
 
@@ -147,6 +148,10 @@ class _LayerMaker:
             yield torch.zeros(t.shape, dtype=t.dtype)
         elif t.op == "router":
             yield self._router(t)
+        elif t.op == "init":
+            yield initial_tensor(t.role, t.shape, generator_for(opts.seed, t.layer, t.name)).to(t.dtype)
+        elif t.group is not None:
+            yield from self._group_experts(t)
         else:
             ffn, sel = self._load(t.layer)
             experts = range(opts.num_experts) if t.expert is None else [t.expert]
@@ -162,6 +167,25 @@ class _LayerMaker:
         o = self.plan.options
         return self.strategy.output_scale(o.strategy_params, o.num_experts, o.top_k, self.plan.dims.intermediate_size)
 
+    def _group_experts(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        """Expert tensors of a runtime block's expert group: recycled expert ``first + i``, narrowed
+        to a uniform subset of its units (universal experts) or a channel block (MH-MoE)."""
+        opts = self.plan.options
+        layout = moe_tensor_layout(opts.router, self.plan.dims.hidden_size, opts.num_experts, self.plan.expert_width)
+        group = next(g for g in layout.groups if g.name == t.group)
+        ffn, sel = self._load(t.layer, layout.recycled_experts)
+        for i in range(group.count):
+            e = group.first + i
+            init = sel.experts[e]
+            if group.width < init.units.numel():
+                keep = torch.linspace(0, init.units.numel() - 1, group.width).round().long()
+                init = ExpertInit(init.units[keep])
+            one = LayerSelection([init], sel.down_bias_scale, sel.noise_std)
+            x = expert_tensor(ffn, one, 0, t.role, generator_for(opts.seed, t.layer, t.group, i, t.role))
+            if group.channel_blocks > 1:
+                x = channel_block(x, t.role, i % group.channel_blocks, group.in_dim)
+            yield x
+
     def _router(self, t: PlannedTensor) -> torch.Tensor:
         opts = self.plan.options
         if opts.router_init == "zeros":
@@ -175,15 +199,17 @@ class _LayerMaker:
         g = generator_for(opts.seed, t.layer, "router")
         return (torch.randn(t.shape, generator=g) * opts.router_init_std).to(t.dtype)
 
-    def _load(self, layer: int) -> tuple[DenseFFN, LayerSelection]:
+    def _load(self, layer: int, num_experts: int | None = None) -> tuple[DenseFFN, LayerSelection]:
         if self._layer != layer:
             names = self.family.ffn_names(self.plan.source_prefix, layer)
             weights = {role: self.ckpt.read(self.canonical[n]) for role, n in names.items() if n in self.canonical}
             self._ffn = DenseFFN(weights)
             opts = self.plan.options
             layer_stats = self.stats.layer(layer) if self.stats is not None else None
+            recycled = num_experts or moe_tensor_layout(
+                opts.router, self.plan.dims.hidden_size, opts.num_experts, self.plan.expert_width).recycled_experts
             self._selection = self.strategy.select(
-                self._ffn, opts.num_experts, opts.strategy_params, layer_stats, generator_for(opts.seed, layer, "select")
+                self._ffn, recycled, opts.strategy_params, layer_stats, generator_for(opts.seed, layer, "select")
             )
             self._layer = layer
             self.selections[layer] = self._selection
@@ -235,6 +261,37 @@ def _calibration_record(stats: Any, selections: dict[int, LayerSelection]) -> di
     if any(sel.summary for sel in selections.values()):
         record["selection"] = {str(layer): sel.summary for layer, sel in sorted(selections.items())}
     return record or None
+
+
+def initial_tensor(init: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """A fresh tensor for an MoE block's own parameter: normal, zeros, ones, identity, orthogonal or a constant.
+
+        >>> initial_tensor("identity", (2, 2), torch.Generator()).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    if init == "zeros":
+        return torch.zeros(shape)
+    if init == "ones":
+        return torch.ones(shape)
+    if init == "identity":
+        return torch.eye(*shape)
+    if init == "normal":
+        return torch.randn(shape, generator=g) * 0.02
+    if init == "orthogonal":
+        q, r = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=g))
+        q = q * torch.sign(torch.diagonal(r))
+        return q if shape[0] >= shape[1] else q.T
+    return torch.full(shape, float(init))
+
+
+def channel_block(t: torch.Tensor, role: str, block: int, width: int) -> torch.Tensor:
+    """Keep channels ``block·width … (block+1)·width`` of the model dimension of an expert tensor."""
+    part = slice(block * width, (block + 1) * width)
+    if role in ("up", "gate"):
+        return t[:, part]
+    if role == "down":
+        return t[part]
+    return t[part] if role == "down_bias" else t
 
 
 def _provenance(plan: Plan, ckpt: DenseCheckpoint, source_hashes: dict[str, str], out_dir: Path,

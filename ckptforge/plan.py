@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from ckptforge.calibration import missing_calibration_message, needed_stats
-from ckptforge.config import DTYPES, UpcycleOptions, parse_layers
+from ckptforge.config import DTYPES, ROUTER_SETTINGS, UpcycleOptions, parse_layers, router_problems
 from ckptforge.errors import DiskSpaceError, PlanError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
 from ckptforge.io.source import DenseCheckpoint
+from ckptforge.moe import moe_tensor_layout
 from ckptforge.strategies import STRATEGIES
 
 _LAYER_OF = re.compile(r"layers?\.(\d+)\.")
@@ -46,6 +47,7 @@ class PlannedTensor:
     layer: int | None = None
     role: str | None = None
     expert: int | None = None
+    group: str | None = None
 
     @property
     def numel(self) -> int:
@@ -161,6 +163,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
         problems.append(missing_calibration_message(options))
     if prefix is not None:
         problems += _missing_ffn(family, prefix, moe_layers, canonical)
+    problems += _router_problems(family, options, dims, problems)
     if problems:
         raise PlanError(problems)
 
@@ -187,6 +190,14 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     return plan
 
 
+def _router_problems(family: Family, options: UpcycleOptions, dims: Dims, found: list[str]) -> list[str]:
+    kind = options.router.get("type", "topk")
+    if kind in ROUTER_SETTINGS and kind not in family.routers:
+        return [f"--router {kind} is not available for the {family.name} family: its output loads with the stock "
+                f"transformers router ({', '.join(family.routers)}); drop --router or convert a ViT or BERT model"]
+    return [p for p in router_problems(options.router, dims.hidden_size) if p not in found]
+
+
 def _missing_ffn(family: Family, prefix: str, moe_layers: list[int], canonical: dict[str, str]) -> list[str]:
     missing = [
         name for layer in moe_layers for name in family.ffn_names(prefix, layer).values() if name not in canonical
@@ -206,6 +217,10 @@ def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dim
     for layer in moe_layers:
         ffn_dtype = forced or ckpt.tensors[canonical[ffn_of[layer]["up"]]].dtype
         e, d = options.num_experts, dims.hidden_size
+        if fmt.moe_module is not None:
+            has_bias = {role: ffn_of[layer].get(role) in canonical for role in ("up_bias", "down_bias")}
+            tensors += _runtime_block(fmt, layer, options, d, expert_width, ffn_dtype, has_bias)
+            continue
         tensors.append(PlannedTensor(fmt.router.format(layer=layer), (e, d), ffn_dtype, "router", layer=layer))
         for name, role, expert in fmt.expert_names(layer, e):
             if role.endswith("bias") and ffn_of[layer].get(role) not in canonical:
@@ -233,6 +248,27 @@ def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dim
         raise PlanError([f"the source has no tensor for {absent[0]} ({len(absent)} missing); the checkpoint is incomplete"])
     tensors.sort(key=lambda t: (_layer_of(t.name), t.name))
     return tensors, sorted(set(canonical) - used)
+
+
+def _runtime_block(fmt: OutputFormat, layer: int, options: UpcycleOptions, d: int, expert_width: int,
+                   dtype: torch.dtype, has_bias: dict[str, bool]) -> list[PlannedTensor]:
+    """The tensors of one ckptforge runtime MoE block, as its router type lays them out."""
+    layout = moe_tensor_layout(options.router, d, options.num_experts, expert_width)
+    module = fmt.moe_module.format(layer=layer)
+    out = []
+    if layout.router_shape is not None:
+        out.append(PlannedTensor(module + "router.weight", layout.router_shape, dtype, "router", layer=layer))
+    for group in layout.groups:
+        for template, role in fmt.experts.items():
+            if role.endswith("bias") and not has_bias[role]:
+                continue
+            name = module + group.name + "." + template.rsplit(".", 1)[-1]
+            shape = (group.count, *ROLE_SHAPES[role](group.width, group.in_dim))
+            out.append(PlannedTensor(name, shape, dtype, "expert", layer=layer, role=role, group=group.name))
+    for name, (shape, init) in layout.extras.items():
+        out.append(PlannedTensor(module + name, shape, dtype, "init",
+                                 layer=layer, role=str(init)))
+    return out
 
 
 def _expected_names(fmt: OutputFormat, out_config: dict[str, Any]) -> set[str] | None:

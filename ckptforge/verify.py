@@ -96,7 +96,8 @@ def verify_model(
     }
     final_key = "logits" if getattr(d_out, "logits", None) is not None else "last_hidden_state"
     final = _error(getattr(d_out, final_key), getattr(m_out, final_key))
-    return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description, _exact(options))
+    return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description,
+                        _exact(options) and _exact_router(moe_config.get("moe_router")))
 
 
 def _exact(options: dict[str, Any]) -> bool:
@@ -105,6 +106,12 @@ def _exact(options: dict[str, Any]) -> bool:
 
     strategy = STRATEGIES.get(options.get("strategy", ""))
     return strategy is not None and strategy.exact(options.get("strategy_params") or {})
+
+
+def _exact_router(router: dict[str, Any] | None) -> bool:
+    """Only renormalised top-k without a capacity limit keeps copy-all experts exactly dense (issue 4)."""
+    router = router or {"type": "topk", "normalize": True}
+    return router.get("type", "topk") == "topk" and router.get("normalize", True) and not router.get("capacity_factor")
 
 
 def make_inputs(config: dict[str, Any], batch_size: int, seq_len: int, seed: int) -> tuple[dict[str, torch.Tensor], str]:

@@ -40,8 +40,8 @@ import argparse
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -136,7 +136,7 @@ def to_pixel_values(images: np.ndarray) -> torch.Tensor:
 
 def build_model() -> ViTForImageClassification:
     """Create the tiny ViT classifier (weights from the current torch seed)."""
-    config = ViTConfig(
+    config = ViTConfig(  # type: ignore[call-arg]  # num_labels etc. go via **kwargs
         image_size=IMAGE_SIZE,
         patch_size=7,
         num_channels=1,
@@ -179,8 +179,11 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 def train(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor,
           args: argparse.Namespace) -> float:
     """Train in place with AdamW + warm-up/cosine schedule; return wall seconds."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        # weight decay on matrices only; not on biases, LayerNorms, embeddings
+        (decay if param.ndim >= 2 and "embeddings" not in name else no_decay).append(param)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],

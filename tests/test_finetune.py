@@ -48,7 +48,7 @@ def make_moe(tiny, tmp_path: Path, kind: str, layers: str = "all") -> Path:
 
 
 def run(moe: Path, data: Path, **kw) -> ckptforge.finetune.FinetuneReport:
-    opts = dict(data=str(data), steps=12, lr=3e-3, batch_size=8, eval_every=4, device="cpu")
+    opts = dict(data=str(data), steps=24, lr=3e-3, batch_size=8, eval_every=8, device="cpu")
     return finetune(moe, FinetuneOptions(**{**opts, **kw}))
 
 
@@ -70,9 +70,9 @@ def test_vit_moe_learns_and_writes_the_report(tiny, tmp_path):
     assert written["data"]["classes"] == ["class0", "class1"]
     assert written["device"]["device"] == "cpu" and written["device"]["num_processes"] == 1
     for r in written["runs"]:
-        assert [e["step"] for e in r["eval"]] == [0, 4, 8, 12]
-        assert [s["step"] for s in r["train"]] == list(range(1, 13))
-        assert r["unit"] == "images" and r["throughput"] > 0 and r["examples"] == 12 * 8
+        assert [e["step"] for e in r["eval"]] == [0, 8, 16, 24]
+        assert [s["step"] for s in r["train"]] == list(range(1, 25))
+        assert r["unit"] == "images" and r["throughput"] > 0 and r["examples"] == 24 * 8
     assert set(written["recovery"]["runs"]) == {"moe", "dense", "scratch"}
     assert written["recovery"]["metric"] == "eval accuracy"
 

@@ -18,6 +18,7 @@ from ckptforge.errors import CkptforgeError
 from . import compare as compare_cmd
 from . import finetune as finetune_cmd  # issue 5: finetune
 from . import inspect as inspect_cmd
+from . import routes as routes_cmd
 from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
 from .errors import BAD_USAGE, exit_code_for, message_for
@@ -32,6 +33,7 @@ app.command()(verify_cmd.verify)
 app.command()(inspect_cmd.inspect)
 app.command("compare-strategies")(compare_cmd.compare)
 app.command()(finetune_cmd.finetune)  # issue 5: finetune
+app.command()(routes_cmd.routes)
 
 
 def _version(value: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ckptforge.config import UpcycleOptions, parse_size
+from ckptforge.config import UpcycleOptions, parse_size, router_settings
 from ckptforge.errors import UsageError
 from ckptforge.execute import upcycle as run_upcycle
 from ckptforge.io.source import open_checkpoint
@@ -24,13 +24,18 @@ from .options import (
 )
 
 
+#: Default strategy for soft/sphero routers. MoE Jetpack uses importance: switch to "importance"
+#: once that strategy is registered.
+SLOT_ROUTER_STRATEGY = "copy-all"
+
+
 def upcycle(
     source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev].")],
     out: OutOpt = None,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
     layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="Expert initialisation strategy.")] = "copy-all",
+    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help="Expert initialisation strategy (copy-all; soft/sphero: " + SLOT_ROUTER_STRATEGY + ").")] = None,
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
     router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros | centroid (from --calibration).")] = "normal",
@@ -57,14 +62,34 @@ def upcycle(
     tol: TolOpt = 1e-5,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    # --- routers (issue 4) ---
+    router: Annotated[str, typer.Option("--router", help="topk | expert-choice | soft | sphero | mh.")] = "topk",
+    capacity_factor: Annotated[float | None, typer.Option("--capacity-factor", help="topk/mh: per-expert capacity round(k·T·C/E) (default none); expert-choice: C in ⌈C·T/E⌉ (default 2).")] = None,
+    bpr: Annotated[bool | None, typer.Option("--bpr/--no-bpr", help="topk/mh: Batch Prioritized Routing when capacity is short (default on).")] = None,
+    router_noise: Annotated[float | None, typer.Option("--router-noise", help="topk/mh: std of training noise on router logits (default 1/E).")] = None,
+    aux_loss_weight: Annotated[float | None, typer.Option("--aux-loss-weight", help="topk/mh: weight of the load-balancing loss (default 0.01).")] = None,
+    slots: Annotated[int | None, typer.Option("--slots", help="soft/sphero: slots per expert (default 1).")] = None,
+    core_experts: Annotated[int | None, typer.Option("--core-experts", help="sphero: core experts (same as --experts).")] = None,
+    universal_experts: Annotated[int | None, typer.Option("--universal-experts", help="sphero: universal experts (default 2× core).")] = None,
+    universal_ratio: Annotated[float | None, typer.Option("--universal-ratio", help="sphero: universal expert width / core width (default 0.25).")] = None,
+    combine: Annotated[str | None, typer.Option("--combine", help="soft/sphero: softmax | entmax15 over slots.")] = None,
+    expert_dropout: Annotated[float | None, typer.Option("--expert-dropout", help="soft/sphero: expert dropout in training.")] = None,
+    drop_path: Annotated[float | None, typer.Option("--drop-path", help="soft/sphero: drop-path on the MoE output in training.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="mh: sub-tokens per token (default 4).")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
     try:
         size = parse_size(shard_size)
     except ValueError as exc:
         raise UsageError(f"--shard-size: {exc}") from None
+    strategy = strategy or (SLOT_ROUTER_STRATEGY if router in ("soft", "sphero") else "copy-all")
+    settings = router_settings(
+        router, capacity_factor=capacity_factor, bpr=bpr, noise_std=router_noise, aux_loss_weight=aux_loss_weight,
+        slots=slots, universal_experts=universal_experts, universal_ratio=universal_ratio, combine=combine,
+        expert_dropout=expert_dropout, drop_path=drop_path, heads=heads,
+    )
     options = UpcycleOptions(
-        num_experts=experts, top_k=top_k, layers=layers, strategy=strategy,
+        num_experts=core_experts or experts, top_k=top_k, layers=layers, strategy=strategy, router=settings,
         strategy_params={**_strategy_params(strategy, noise_std, drop_ratio), **subset_params(
             expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale)},
         router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
@@ -115,7 +140,7 @@ def render_plan(plan: Plan) -> None:
     d = plan.to_dict()
     table = Table(title=f"plan: {d['source']} → {d['output_format']} ({d['architecture']})", show_header=False)
     for key in ("family", "num_layers", "hidden_size", "intermediate_size", "moe_layers", "num_experts",
-                "top_k", "expert_width", "strategy", "router_init", "seed"):
+                "top_k", "expert_width", "strategy", "router", "router_init", "seed"):
         table.add_row(key, str(d[key]))
     table.add_row("params total / active", f"{d['params_total']:,} / {d['params_active']:,}")
     table.add_row("bytes to write", f"{d['bytes_to_write']:,} in {len(d['shards'])} shard(s)")

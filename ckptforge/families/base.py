@@ -62,6 +62,9 @@ class OutputFormat:
     packed: bool
     zeros: dict[str, Any] = field(default_factory=dict)
     remote_module: str | None = None
+    #: Prefix template (``{layer}``) of the MoE block's tensors when the block is ckptforge's own
+    #: runtime layer; its router type then decides the tensors (``ckptforge.moe.moe_tensor_layout``).
+    moe_module: str | None = None
 
     def expert_names(self, layer: int, num_experts: int) -> list[tuple[str, str, int | None]]:
         """(name, role, expert or None when packed) for every expert tensor of ``layer``."""
@@ -88,6 +91,8 @@ class Family:
     base_prefixes: tuple[str, ...] = ("",)
     #: A tensor (relative to the base prefix) every checkpoint of the family has.
     anchor: str = ""
+    #: Router types (``--router``) the family's output format can hold.
+    routers: tuple[str, ...] = ("topk",)
 
     def why_not(self, config: dict[str, Any]) -> str | None:
         """None when this family handles ``config``, else the reason it does not."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ckptforge.moe import ROUTER_TYPES
+
 from .base import Family, MoELayout, OutputFormat
 
 #: FFN of layer {layer} in HF ViT and BERT checkpoints (relative to the base prefix).
@@ -31,6 +33,7 @@ class EncoderFamily(Family):
     fallback: tuple[str, str] = ("", "")
     #: Auto class → output class name, for ``auto_map``.
     auto_classes: dict[str, str] = {}
+    routers = tuple(ROUTER_TYPES)
 
     def output_architecture(self, config: dict[str, Any]) -> tuple[str, str]:
         archs = config.get("architectures") or []
@@ -53,6 +56,7 @@ class EncoderFamily(Family):
             experts={layer + "experts." + k: role for k, role in PACKED_EXPERTS.items()},
             packed=True,
             remote_module=self.moe_model_type,
+            moe_module=layer,
         )
 
     def output_config(self, config: dict[str, Any], fmt: OutputFormat, layout: MoELayout) -> dict[str, Any]:

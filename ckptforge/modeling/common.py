@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
-from ..moe.layer import MoEFeedForward
+from ..moe.layer import build_moe_layer
 
 
 class SelfAttention(nn.Module):
@@ -46,9 +46,9 @@ def is_moe_layer(config, layer: int) -> bool:
     return layer in set(getattr(config, "moe_layers", None) or [])
 
 
-def build_moe(config) -> MoEFeedForward:
-    """The MoE block a config's MoE layers use."""
-    return MoEFeedForward(
+def build_moe(config) -> nn.Module:
+    """The MoE block a config's MoE layers use (its type is ``config.moe_router['type']``)."""
+    return build_moe_layer(
         hidden_size=config.hidden_size,
         expert_width=config.expert_intermediate_size,
         num_experts=config.num_experts,
@@ -60,8 +60,8 @@ def build_moe(config) -> MoEFeedForward:
 
 
 def total_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary (load-balancing) losses of every MoE block's last forward."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoEFeedForward) and m.aux_loss is not None]
+    """Sum of the weighted auxiliary (load-balancing) losses of every MoE block's last forward."""
+    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
     return torch.stack(losses).sum() if losses else None
 
 
