@@ -208,8 +208,11 @@ class _LayerMaker:
             layer_stats = self.stats.layer(layer) if self.stats is not None else None
             recycled = num_experts or moe_tensor_layout(
                 opts.router, self.plan.dims.hidden_size, opts.num_experts, self.plan.expert_width).recycled_experts
+            # recycled may exceed E (sphero's universal experts are cut from further recycled
+            # experts): the width stays the planned one, not d_ff / recycled
+            params = {**opts.strategy_params, "expert_width": self.plan.expert_width}
             self._selection = self.strategy.select(
-                self._ffn, recycled, opts.strategy_params, layer_stats, generator_for(opts.seed, layer, "select")
+                self._ffn, recycled, params, layer_stats, generator_for(opts.seed, layer, "select")
             )
             self._layer = layer
             self.selections[layer] = self._selection

@@ -185,3 +185,18 @@ def test_sigkill_while_writing_leaves_nothing_that_looks_complete(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / "ckptforge.json").is_file()
     assert not list(tmp_path.glob(".moe.ckptforge-tmp-*"))  # the next run removed the stale one
+
+
+def test_unknown_option_is_a_one_line_usage_error(capsys):
+    code, _, err = _invoke(capsys, "inspect", "--no-such-flag")
+    assert code == 2 and _one_line_error(err) == "error: No such option: --no-such-flag; see --help"
+
+
+def test_sphero_with_calibration_defaults_to_importance(tmp_path, capsys):
+    example = Path(__file__).resolve().parents[1] / "examples"
+    out = tmp_path / "sph"
+    code, stdout, _ = _invoke(capsys, "upcycle", str(example / "tiny-vit-mnist"), "--router", "sphero",
+                              "--calibration", str(example / "mnist-samples"), "--calib-samples", "32",
+                              "--experts", "4", "--out", str(out), "--json")
+    plan = json.loads(stdout)["plan"]
+    assert code == 0 and plan["strategy"] == "importance" and plan["expert_width"] == 64

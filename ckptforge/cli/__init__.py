@@ -9,7 +9,6 @@ import os
 import sys
 import traceback
 
-import click
 import typer
 
 from ckptforge import __version__
@@ -23,6 +22,9 @@ from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
 from .errors import BAD_USAGE, exit_code_for, message_for
 from .options import emit_json
+
+#: click's base exception as typer raises it (recent typer vendors click as ``typer._click``).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     name="ckptforge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except CkptforgeError as exc:
         return _fail(exc, exit_code_for(exc), as_json)
-    except click.exceptions.Abort:
+    except typer.Abort:
         return _fail(KeyboardInterrupt("interrupted"), 130, as_json)
-    except click.ClickException as exc:
+    except _CLICK_ERROR as exc:
         return _fail(exc, BAD_USAGE, as_json, message=f"error: {exc.format_message()}; see --help")
 
 

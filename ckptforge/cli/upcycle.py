@@ -24,9 +24,9 @@ from .options import (
 )
 
 
-#: Default strategy for soft/sphero routers. MoE Jetpack uses importance: switch to "importance"
-#: once that strategy is registered.
-SLOT_ROUTER_STRATEGY = "copy-all"
+#: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
+#: importance sampling); without --calibration they fall back to copy-all.
+SLOT_ROUTER_STRATEGY = "importance"
 
 
 def upcycle(
@@ -35,7 +35,7 @@ def upcycle(
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
     layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
-    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help="Expert initialisation strategy (copy-all; soft/sphero: " + SLOT_ROUTER_STRATEGY + ").")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help="Expert initialisation strategy (default copy-all; soft/sphero with --calibration: " + SLOT_ROUTER_STRATEGY + ").")] = None,
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
     router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros | centroid (from --calibration).")] = "normal",
@@ -82,7 +82,7 @@ def upcycle(
         size = parse_size(shard_size)
     except ValueError as exc:
         raise UsageError(f"--shard-size: {exc}") from None
-    strategy = strategy or (SLOT_ROUTER_STRATEGY if router in ("soft", "sphero") else "copy-all")
+    strategy = strategy or (SLOT_ROUTER_STRATEGY if router in ("soft", "sphero") and calibration else "copy-all")
     settings = router_settings(
         router, capacity_factor=capacity_factor, bpr=bpr, noise_std=router_noise, aux_loss_weight=aux_loss_weight,
         slots=slots, universal_experts=universal_experts, universal_ratio=universal_ratio, combine=combine,
