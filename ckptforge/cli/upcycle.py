@@ -14,6 +14,8 @@ from ckptforge.execute import upcycle as run_upcycle
 from ckptforge.io.source import open_checkpoint
 from ckptforge.plan import Plan, build_plan
 
+from .push import push_output
+from .recipes import apply_recipe, check_recipe_family
 from .options import (
     ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TolOpt, byte_progress, emit_json, fail_verification, show_progress,
     stdout,
@@ -21,6 +23,7 @@ from .options import (
 
 
 def upcycle(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev].")],
     out: OutOpt = None,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
@@ -40,6 +43,9 @@ def upcycle(
     tol: TolOpt = 1e-5,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    # --- issue 6: recipes and Hub push ---
+    recipe: Annotated[str | None, typer.Option("--recipe", help="A recipe name (ckptforge recipes list) or YAML path; explicit flags override its values.")] = None,
+    push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
     try:
@@ -51,22 +57,30 @@ def upcycle(
         strategy_params=_strategy_params(strategy, noise_std, drop_ratio),
         router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
     )
+    if recipe is not None:  # issue 6
+        options = apply_recipe(ctx, recipe, options)
     if dry_run:
         plan = build_plan(open_checkpoint(source), options, out)
+        check_recipe_family(options, plan.family)
         if as_json:
-            emit_json({"dry_run": True, "plan": plan.to_dict()})
+            emit_json({"dry_run": True, "plan": plan.to_dict(), "recipe": options.recipe})
         else:
             render_plan(plan)
         return
     if out is None:
         raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
     ckpt_plan = build_plan(open_checkpoint(source), options, out)
+    check_recipe_family(options, ckpt_plan.family)
     with byte_progress(ckpt_plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:
         result = run_upcycle(source, out, options, force=force, verify=verify, tol=tol, progress=progress)
     payload = {
         "out": str(result.out), "seconds": round(result.seconds, 3), "plan": result.plan.to_dict(),
         "files": result.files, "verify": result.verify.to_dict() if result.verify else None,
+        "recipe": options.recipe,
     }
+    verified = result.verify is None or result.verify.passed
+    if push_to is not None and verified:  # issue 6: push only a conversion that passed
+        payload["push"] = push_output(result.out, push_to, quiet=quiet or as_json)
     if as_json:
         emit_json(payload)
     elif not quiet:
