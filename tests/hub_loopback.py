@@ -147,7 +147,32 @@ class LoopbackHub:
         return 200, {}, json.dumps({"id": repo_id, "sha": _sha(repo_id, revision), "siblings": siblings,
                                     "private": repo.private}).encode()
 
+    def _files(self, repo_id: str, revision: str) -> dict[str, bytes] | None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return None
+        by_sha = {_sha(repo_id, b): b for b in repo.branches}
+        return repo.branches.get(by_sha.get(revision, revision))
+
+    def _tree(self, args: tuple, query: dict, body: bytes) -> tuple[int, dict, bytes]:
+        files = self._files(*args)
+        if files is None:
+            return 404, {"X-Error-Code": "RevisionNotFound"}, b'{"error": "revision not found"}'
+        entries = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                   for n, d in sorted(files.items())]
+        return 200, {}, json.dumps(entries).encode()
+
     def _resolve(self, args: tuple, query: dict, body: bytes) -> tuple[int, dict, bytes]:
+        repo_id, revision, filename = args
+        files = self._files(repo_id, revision)
+        data = files.get(filename) if files is not None else None
+        if data is None:
+            return 404, {"X-Error-Code": "EntryNotFound"}, b'{"error": "entry not found"}'
+        branch = next((b for b in self.repos[repo_id].branches if _sha(repo_id, b) == revision), revision)
+        return 200, {"X-Repo-Commit": _sha(repo_id, branch), "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                     "Content-Type": "application/octet-stream"}, data
+
+    def _resolve_old(self, args: tuple, query: dict, body: bytes) -> tuple[int, dict, bytes]:
         repo_id, revision, filename = args
         repo = self.repos.get(repo_id)
         data = repo.branches.get(revision, {}).get(filename) if repo else None
@@ -171,6 +196,8 @@ def _route(method: str, path: str) -> tuple[str, tuple]:
         return parts[4], (f"{parts[2]}/{parts[3]}", "/".join(parts[5:]))
     if parts[:2] == ["api", "models"] and len(parts) >= 5 and parts[4] == "discussions":
         return ("discussion_open" if method == "POST" else "discussion"), (f"{parts[2]}/{parts[3]}", *parts[5:6])
+    if method == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+        return "tree", (f"{parts[2]}/{parts[3]}", parts[5])
     if method == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 4:
         revision = "/".join(parts[5:]) if len(parts) > 5 and parts[4] == "revision" else "main"
         return "repo_info", (f"{parts[2]}/{parts[3]}", revision)
