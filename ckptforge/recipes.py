@@ -137,12 +137,12 @@ def validate_recipe(data: Any) -> list[str]:
     problems = []
     for key, kind in _REQUIRED.items():
         if key not in data:
-            problems.append(f"{key}: missing (a {_kind_name(kind)})")
+            problems.append(f"{key}: missing ({_kind_name(kind)})")
         elif not isinstance(data[key], kind):
-            problems.append(f"{key}: must be a {_kind_name(kind)}, not {type(data[key]).__name__}")
+            problems.append(f"{key}: must be {_kind_name(kind)}, not {type(data[key]).__name__}")
     for key, kind in _OPTIONAL.items():
         if key in data and not isinstance(data[key], kind):
-            problems.append(f"{key}: must be a {_kind_name(kind)}, not {type(data[key]).__name__}")
+            problems.append(f"{key}: must be {_kind_name(kind)}, not {type(data[key]).__name__}")
     known = set(_REQUIRED) | set(_OPTIONAL)
     problems += [f"{key}: unknown field; allowed: {', '.join(sorted(known))}" for key in data if key not in known]
     if isinstance(data.get("family"), str):
@@ -169,7 +169,7 @@ def _option_problems(options: dict[str, Any]) -> list[str]:
         if key not in allowed:
             problems.append(f"{path}: unknown option; allowed: {', '.join(allowed)}")
         elif not _same_kind(value, defaults[key]):
-            problems.append(f"{path}: must be a {_kind_name(type(defaults[key]))}, not {type(value).__name__}")
+            problems.append(f"{path}: must be {_kind_name(type(defaults[key]))}, not {type(value).__name__}")
     router = options.get("router")
     if isinstance(router, dict) and not isinstance(router.get("type"), str):
         problems.append("options.router.type: missing (a string such as topk)")
@@ -190,8 +190,8 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 def _kind_name(kind: type) -> str:
-    return {str: "string", dict: "mapping", int: "integer", float: "number", bool: "boolean",
-            list: "list"}.get(kind, kind.__name__)
+    return {str: "a string", dict: "a mapping", int: "an integer", float: "a number", bool: "a boolean",
+            list: "a list"}.get(kind, f"a {kind.__name__}")
 
 
 def resolve_options(recipe: Recipe, overrides: dict[str, Any], base: UpcycleOptions | None = None) -> UpcycleOptions:
