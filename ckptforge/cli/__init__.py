@@ -18,7 +18,7 @@ from ckptforge.errors import CkptforgeError
 from . import inspect as inspect_cmd
 from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
-from . import push as push_cmd, recipes as recipes_cmd  # issue 6
+from . import docs as docs_cmd, push as push_cmd, recipes as recipes_cmd  # issue 6
 from .errors import BAD_USAGE, exit_code_for, message_for
 from .options import emit_json
 
@@ -29,7 +29,7 @@ app = typer.Typer(
 app.command()(upcycle_cmd.upcycle)
 app.command()(verify_cmd.verify)
 app.command()(inspect_cmd.inspect)
-app.command()(push_cmd.push); app.add_typer(recipes_cmd.app, name="recipes")  # issue 6
+app.command()(push_cmd.push); app.add_typer(recipes_cmd.app, name="recipes"); app.command(hidden=True)(docs_cmd.docs)  # issue 6
 
 
 def _version(value: bool) -> None:
