@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from ckptforge.errors import UsageError
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 _REQUIRED = {"name": str, "method": str, "paper": str, "summary": str, "family": str, "options": dict}
-_OPTIONAL = {"requires": dict}
 #: Options a recipe may not set: they describe the machine, not the method.
 _NOT_IN_RECIPES = {"shard_size", "dtype", "recipe"}
 
@@ -53,7 +52,6 @@ class Recipe:
     options: dict[str, Any]
     path: Path
     sha256: str
-    requires: dict[str, Any] = field(default_factory=dict)
 
     def missing_components(self) -> list[str]:
         """Strategies / routers this recipe needs that this installation does not register.
@@ -111,7 +109,7 @@ def load_recipe(ref: str | Path) -> Recipe:
     return Recipe(
         name=data["name"], method=data["method"], paper=data["paper"], summary=data["summary"],
         family=data["family"], options=dict(data["options"]), path=path,
-        sha256=hashlib.sha256(text.encode()).hexdigest(), requires=dict(data.get("requires") or {}),
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
     )
 
 
@@ -140,10 +138,7 @@ def validate_recipe(data: Any) -> list[str]:
             problems.append(f"{key}: missing ({_kind_name(kind)})")
         elif not isinstance(data[key], kind):
             problems.append(f"{key}: must be {_kind_name(kind)}, not {type(data[key]).__name__}")
-    for key, kind in _OPTIONAL.items():
-        if key in data and not isinstance(data[key], kind):
-            problems.append(f"{key}: must be {_kind_name(kind)}, not {type(data[key]).__name__}")
-    known = set(_REQUIRED) | set(_OPTIONAL)
+    known = set(_REQUIRED)
     problems += [f"{key}: unknown field; allowed: {', '.join(sorted(known))}" for key in data if key not in known]
     if isinstance(data.get("family"), str):
         problems += _family_problems(data["family"])

@@ -84,6 +84,8 @@ def test_push_subprocess_with_hf_endpoint(converted, tmp_path):
     assert json.loads(proc.stdout)["repo_id"] == "me/vit-moe"
     assert server.repos["me/vit-moe"].branches["main"]["model.safetensors"] == (converted / "model.safetensors").read_bytes()
     assert_token_sent_only_as_header(server)
+    written = [p for p in [*tmp_path.rglob("*"), *converted.rglob("*")] if p.is_file()]
+    assert written and not any(TOKEN.encode() in p.read_bytes() for p in written)
 
 
 def test_push_sends_every_file_with_the_message_and_private_flag(hub, cli, converted, tmp_path):
@@ -208,3 +210,8 @@ def test_upcycle_push_to_pushes_only_a_verified_conversion(hub, cli, dense, tmp_
     proc = cli("upcycle", str(dense), "--experts", "3", "--top-k", "4", "--out", str(tmp_path / "bad2"),
                "--push-to", "me/other")
     assert proc.returncode == 2 and hub.requests == [] and not (tmp_path / "bad2").exists()
+    hub.fail = {"create": 403, "repo_info": 403}
+    proc = cli("upcycle", str(dense), "--experts", "4", "--out", str(tmp_path / "kept"), "--push-to", "me/x")
+    assert proc.returncode == 4 and (tmp_path / "kept" / "ckptforge.json").is_file()
+    assert proc.stderr.strip().endswith(f"the output was written to {tmp_path / 'kept'}, push it later with "
+                                        f"'ckptforge push {tmp_path / 'kept'} me/x'")

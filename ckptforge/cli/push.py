@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ckptforge.config import parse_size
-from ckptforge.errors import UsageError
+from ckptforge.errors import HubError, UsageError
 from ckptforge.hub import DEFAULT_COMMIT_BYTES, push_folder
 
 from .options import JsonOpt, QuietOpt, emit_json, stdout
@@ -40,7 +40,11 @@ def push(
 
 def push_output(out_dir: Path, repo_id: str, quiet: bool) -> dict[str, Any]:
     """``upcycle --push-to``: push with the defaults; returns the result for the JSON payload."""
-    result = push_folder(out_dir, repo_id).to_dict()
+    try:
+        result = push_folder(out_dir, repo_id).to_dict()
+    except (HubError, UsageError) as exc:  # the conversion itself succeeded: say where it is
+        raise type(exc)(f"{exc}; the output was written to {out_dir}, push it later with "
+                        f"'ckptforge push {out_dir} {repo_id}'") from exc
     if not quiet:
         render_push(result)
     return result

@@ -45,12 +45,16 @@ _RECIPE_SUMMARY = _obj({"name": _STR, "method": _STR, "paper": _STR, "summary": 
                         "path": _STR, "missing": _STRS})
 
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "upcycle": {"oneOf": [
-        _obj({"dry_run": {"const": True}, "plan": PLAN}, {"recipe": RECIPE_RECORD}),
-        _obj({"out": _STR, "seconds": _NUM, "plan": PLAN, "files": {"type": "object", "additionalProperties": _STR},
-              "verify": {"oneOf": [{"type": "null"}, VERIFY_REPORT]}},
-             {"recipe": RECIPE_RECORD, "push": PUSH}),
-    ]},
+    "upcycle": {
+        "$defs": {"plan": PLAN, "recipe": RECIPE_RECORD, "verify": VERIFY_REPORT, "push": PUSH},
+        "oneOf": [
+            _obj({"dry_run": {"const": True}, "plan": {"$ref": "#/$defs/plan"}}, {"recipe": {"$ref": "#/$defs/recipe"}}),
+            _obj({"out": _STR, "seconds": _NUM, "plan": {"$ref": "#/$defs/plan"},
+                  "files": {"type": "object", "additionalProperties": _STR},
+                  "verify": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/verify"}]}},
+                 {"recipe": {"$ref": "#/$defs/recipe"}, "push": {"$ref": "#/$defs/push"}}),
+        ],
+    },
     "verify": VERIFY_REPORT,
     "inspect": {"oneOf": [
         _obj({"aliases": {"type": "object", "additionalProperties": _STR}}),
