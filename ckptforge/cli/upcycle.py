@@ -28,7 +28,7 @@ def upcycle(
     out: OutOpt = None,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
-    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
+    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | last-P% | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="Expert initialisation strategy.")] = "copy-all",
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
