@@ -1,6 +1,6 @@
-"""``python -m ckptforge`` runs the command-line interface."""
+"""``python -m ckptforge`` runs the command-line interface (same exit codes as the console script)."""
 
-from ckptforge.cli import main
+from ckptforge.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

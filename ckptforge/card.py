@@ -32,8 +32,8 @@ def card_data(plan: Any, source_ref: str) -> ModelCardData:
     )
 
 
-def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None) -> str:
-    """README.md text for an output directory."""
+def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibration: dict | None = None) -> str:
+    """README.md text for an output directory (``calibration``: the record in ckptforge.json)."""
     data = card_data(plan, ckpt.source)
     o = plan.options
     remote = plan.output_format.remote_module
@@ -61,6 +61,7 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None) -> str:
         f"| router | {o.router.get('type')} (init {o.router_init}) |",
         f"| parameters total / active | {plan.params_total:,} / {plan.params_active:,} |",
         f"| seed | {o.seed} |",
+        *_calibration_rows(calibration),
         "",
         "## Verification",
         "",
@@ -74,3 +75,17 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None) -> str:
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _calibration_rows(calibration: dict | None) -> list[str]:
+    stats = (calibration or {}).get("statistics")
+    if not stats:
+        return []
+    layers = stats.get("layers", {})
+    tokens = next(iter(layers.values()), {}).get("tokens", 0)
+    fire = [v["mean_fire_rate"] for v in layers.values()]
+    return [
+        f"| calibration | `{stats.get('source')}` ({stats.get('kind')}, {stats.get('samples')} samples, {tokens:,} tokens) |",
+        f"| activation statistics | mean fire rate {sum(fire) / max(len(fire), 1):.3f} over {len(layers)} layer(s); "
+        "per-layer summary in `ckptforge.json` |",
+    ]

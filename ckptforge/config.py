@@ -17,7 +17,7 @@ DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
 }
-ROUTER_INITS = ("normal", "zeros")
+ROUTER_INITS = ("normal", "zeros", "centroid")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -38,6 +38,11 @@ class UpcycleOptions:
     seed: int = 0
     dtype: str = "auto"
     shard_size: int = 5 * 10**9
+    # calibration (issue 3): data for strategies that need activation statistics / centroid routers
+    calibration: str | None = None
+    calib_samples: int = 256
+    calib_batch_size: int = 16
+    stats_cache: str | None = None
     # --- issue 6 (recipes): the resolved recipe (name, file hash, values, overrides), or None ---
     recipe: dict[str, Any] | None = None
 
@@ -57,6 +62,8 @@ class UpcycleOptions:
             out.append(f"--router-init {self.router_init!r} is not one of {', '.join(ROUTER_INITS)}")
         if self.dtype not in DTYPES:
             out.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.calib_samples < 1 or self.calib_batch_size < 1:
+            out.append("--calib-samples and --calib-batch-size must be at least 1")
         if self.shard_size < 1:
             out.append("--shard-size must be positive, e.g. 5GB or 500MB")
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +40,8 @@ class UpcycleResult:
     seconds: float
     verify: Any = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: MoE layer → each expert's hidden-unit indices (what the strategy chose).
+    expert_units: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def upcycle(
@@ -56,11 +59,18 @@ def upcycle(
     start = time.perf_counter()
     out = Path(out)
     ckpt = open_checkpoint(str(source))
-    plan = build_plan(ckpt, options, out)
+    plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     target = AtomicOutput(out, force)
     target.check()
-    with target as tmp:
-        files = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress)
+    if stats is None:
+        from ckptforge.calibration import statistics_for
+        from ckptforge.families import FAMILIES
+
+        stats = statistics_for(ckpt, options, plan.moe_layers, FAMILIES[plan.family].modality)
+    selections: dict[int, LayerSelection] = {}
+    with ThreadPoolExecutor(max_workers=1) as pool, target as tmp:
+        source_hashes = pool.submit(ckpt.file_hashes)  # reads the source again; overlaps the writing
+        shard_hashes = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress, selections=selections)
         (tmp / "config.json").write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
         if plan.output_format.remote_module:
             write_remote_code(plan.output_format.remote_module, tmp)
@@ -69,20 +79,25 @@ def upcycle(
         if verify:
             from ckptforge.verify import verify_model
 
-            report = verify_model(tmp, against=ckpt, tol=tol, strategy=options.strategy)
+            report = verify_model(tmp, against=ckpt, tol=tol, options=options.to_dict())
             report.moe_dir = str(out)
-        source_hashes = ckpt.file_hashes()
-        (tmp / "README.md").write_text(render_card(plan, ckpt, report))
-        provenance = _provenance(plan, ckpt, source_hashes, tmp, report)
+        calibration = _calibration_record(stats, selections)
+        (tmp / "README.md").write_text(render_card(plan, ckpt, report, calibration))
+        provenance = _provenance(plan, ckpt, source_hashes.result(), tmp, shard_hashes, report)
+        provenance["calibration"] = calibration
         (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     ckpt.close()
-    return UpcycleResult(out, plan, provenance["files"], time.perf_counter() - start, report, provenance)
+    return UpcycleResult(out, plan, provenance["files"], time.perf_counter() - start, report, provenance,
+                         {layer: [e.units for e in sel.experts] for layer, sel in selections.items()})
 
 
 def write_tensors(plan: Plan, ckpt: DenseCheckpoint, out_dir: Path, *, stats: Any = None,
-                  progress: Progress | None = None) -> dict[str, str]:
-    """Write every planned tensor into its shard; returns shard name → sha256."""
-    layers = _LayerMaker(plan, ckpt, stats)
+                  progress: Progress | None = None, selections: dict[int, LayerSelection] | None = None,
+                  ) -> dict[str, str]:
+    """Write every planned tensor into its shard; returns shard name → sha256.
+
+    ``selections``, when given, is filled with each MoE layer's strategy answer."""
+    layers = _LayerMaker(plan, ckpt, stats, selections if selections is not None else {})
     names = plan.shard_names()
     hashes: dict[str, str] = {}
     weight_map: dict[str, str] = {}
@@ -113,10 +128,10 @@ def generator_for(seed: int, *keys: object) -> torch.Generator:
 class _LayerMaker:
     """Produces each planned tensor's data; reads a MoE layer's dense FFN once and caches it."""
 
-    def __init__(self, plan: Plan, ckpt: DenseCheckpoint, stats: Any):
+    def __init__(self, plan: Plan, ckpt: DenseCheckpoint, stats: Any, selections: dict[int, LayerSelection]):
         from ckptforge.families import FAMILIES
 
-        self.plan, self.ckpt, self.stats = plan, ckpt, stats
+        self.plan, self.ckpt, self.stats, self.selections = plan, ckpt, stats, selections
         self.family = FAMILIES[plan.family]
         self.canonical = self.family.canonical_names(list(ckpt.tensors))
         self.strategy = STRATEGIES[plan.options.strategy]
@@ -136,12 +151,27 @@ class _LayerMaker:
             ffn, sel = self._load(t.layer)
             experts = range(opts.num_experts) if t.expert is None else [t.expert]
             for e in experts:
-                yield expert_tensor(ffn, sel, e, t.role, generator_for(opts.seed, t.layer, e, t.role))
+                yield expert_tensor(ffn, sel, e, t.role, generator_for(opts.seed, t.layer, e, t.role),
+                                    self._folded_scale())
+
+    def _folded_scale(self) -> float:
+        """The strategy's output scale, folded into the down weights when the output format's
+        config cannot store it (stock Mixtral / Qwen2-MoE have no ``moe_output_scale``)."""
+        if "moe_output_scale" in self.plan.output_config:
+            return 1.0
+        o = self.plan.options
+        return self.strategy.output_scale(o.strategy_params, o.num_experts, o.top_k, self.plan.dims.intermediate_size)
 
     def _router(self, t: PlannedTensor) -> torch.Tensor:
         opts = self.plan.options
         if opts.router_init == "zeros":
             return torch.zeros(t.shape, dtype=t.dtype)
+        if opts.router_init == "centroid":
+            from ckptforge.calibration import centroid_router
+
+            _, sel = self._load(t.layer)
+            norm = opts.router_init_std * t.shape[1] ** 0.5  # the length a normal(std) row has
+            return centroid_router([e.units for e in sel.experts], self.stats.layer(t.layer), norm).to(t.dtype)
         g = generator_for(opts.seed, t.layer, "router")
         return (torch.randn(t.shape, generator=g) * opts.router_init_std).to(t.dtype)
 
@@ -156,12 +186,22 @@ class _LayerMaker:
                 self._ffn, opts.num_experts, opts.strategy_params, layer_stats, generator_for(opts.seed, layer, "select")
             )
             self._layer = layer
+            self.selections[layer] = self._selection
         return self._ffn, self._selection
 
 
-def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator) -> torch.Tensor:
+def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator,
+                  down_scale: float = 1.0) -> torch.Tensor:
     """Expert ``expert``'s tensor of ``role``: rows (gate/up/up_bias) or columns (down) of its units,
-    re-drawn units replaced from N(mean, std) of the dense matrix, Gaussian noise added."""
+    re-drawn units replaced from N(mean, std) of the dense matrix, Gaussian noise added; ``down`` and
+    ``down_bias`` multiplied by ``down_scale`` (an output scale folded into the weights)."""
+    t = _expert_tensor(ffn, sel, expert, role, g)
+    if down_scale != 1.0 and role.startswith("down"):
+        t = (t.float() * down_scale).to(t.dtype)
+    return t
+
+
+def _expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator) -> torch.Tensor:
     w = ffn.weights[role]
     init = sel.experts[expert]
     if role == "down_bias":
@@ -187,9 +227,22 @@ def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g:
     return t
 
 
+def _calibration_record(stats: Any, selections: dict[int, LayerSelection]) -> dict[str, Any] | None:
+    """Calibration source, sample count, statistics summary and each layer's selection summary."""
+    record: dict[str, Any] = {}
+    if stats is not None and hasattr(stats, "describe"):
+        record["statistics"] = stats.describe()
+    if any(sel.summary for sel in selections.values()):
+        record["selection"] = {str(layer): sel.summary for layer, sel in sorted(selections.items())}
+    return record or None
+
+
 def _provenance(plan: Plan, ckpt: DenseCheckpoint, source_hashes: dict[str, str], out_dir: Path,
-                report: Any) -> dict[str, Any]:
-    files = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"}
+                shard_hashes: dict[str, str], report: Any) -> dict[str, Any]:
+    files = {
+        p.name: shard_hashes.get(p.name) or sha256_file(p)
+        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"
+    }
     return {
         "ckptforge_version": __version__,
         "source": {"ref": ckpt.source, "revision": ckpt.revision, "files": source_hashes},

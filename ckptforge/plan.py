@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ckptforge.calibration import missing_calibration_message, needed_stats
 from ckptforge.config import DTYPES, UpcycleOptions, parse_layers
 from ckptforge.errors import DiskSpaceError, PlanError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
@@ -47,10 +49,7 @@ class PlannedTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -128,8 +127,12 @@ class Plan:
         }
 
 
-def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None = None) -> Plan:
-    """Validate ``options`` against ``ckpt`` (all problems at once) and lay out every output tensor."""
+def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None = None, *,
+               has_stats: bool = False) -> Plan:
+    """Validate ``options`` against ``ckpt`` (all problems at once) and lay out every output tensor.
+
+    ``has_stats``: activation statistics are passed in directly (no ``options.calibration`` needed).
+    """
     config = ckpt.config
     family = detect_family(config)
     problems = options.problems() + family.check(config)
@@ -153,7 +156,9 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     else:
         problems += strategy.validate(options.strategy_params, dims.intermediate_size,
                                       options.num_experts, options.top_k)
-        expert_width = strategy.expert_width(options.strategy_params, dims.intermediate_size)
+        expert_width = strategy.expert_width(options.strategy_params, dims.intermediate_size, options.num_experts)
+    if not has_stats and not options.calibration and needed_stats(options):
+        problems.append(missing_calibration_message(options))
     if prefix is not None:
         problems += _missing_ffn(family, prefix, moe_layers, canonical)
     if problems:
@@ -163,7 +168,8 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     layout = MoELayout(
         moe_layers=tuple(moe_layers), num_experts=options.num_experts, top_k=options.top_k,
         expert_width=expert_width, router=dict(options.router),
-        output_scale=strategy.output_scale(options.strategy_params, options.num_experts, options.top_k),
+        output_scale=strategy.output_scale(options.strategy_params, options.num_experts, options.top_k,
+                                           dims.intermediate_size),
         extra_config=family.extra_config(config, prefix, set(canonical)),
     )
     out_config = family.output_config(config, fmt, layout)

@@ -28,7 +28,7 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 _REQUIRED = {"name": str, "method": str, "paper": str, "summary": str, "family": str, "options": dict}
 #: Options a recipe may not set: they describe the machine, not the method.
-_NOT_IN_RECIPES = {"shard_size", "dtype", "recipe"}
+_NOT_IN_RECIPES = {"shard_size", "dtype", "recipe", "calibration", "stats_cache"}
 
 
 class RecipeError(UsageError):

@@ -21,10 +21,6 @@ from ckptforge.errors import SourceError
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint
 from ckptforge.loading import load_model
 
-#: Strategies whose MoE computes the dense function exactly at init (with the default router).
-EXACT_STRATEGIES = {"copy-all"}
-
-
 @dataclass
 class Error:
     max_abs: float
@@ -76,7 +72,7 @@ def verify_model(
     batch_size: int = 2,
     seq_len: int = 16,
     seed: int = 0,
-    strategy: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> VerifyReport:
     """Compare the MoE at ``moe_dir`` with its dense source (from ``ckptforge.json`` unless given)."""
     moe_dir = Path(moe_dir)
@@ -87,7 +83,7 @@ def verify_model(
         if against is None:
             raise SourceError(f"'{moe_dir}' has no ckptforge.json naming its source; pass --against SOURCE")
     dense_ckpt = against if isinstance(against, DenseCheckpoint) else open_checkpoint(against)
-    strategy = strategy or (provenance.get("options") or {}).get("strategy")
+    options = options or provenance.get("options") or {}
     dense = load_model(_weights_path(dense_ckpt), dense_ckpt.config)
     moe = load_model(moe_dir, moe_config)
     inputs, description = make_inputs(dense_ckpt.config, batch_size, seq_len, seed)
@@ -100,8 +96,15 @@ def verify_model(
     }
     final_key = "logits" if getattr(d_out, "logits", None) is not None else "last_hidden_state"
     final = _error(getattr(d_out, final_key), getattr(m_out, final_key))
-    return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description,
-                        strategy in EXACT_STRATEGIES)
+    return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description, _exact(options))
+
+
+def _exact(options: dict[str, Any]) -> bool:
+    """Whether the recorded strategy reproduces the dense function (then the tolerance is the claim)."""
+    from ckptforge.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(options.get("strategy", ""))
+    return strategy is not None and strategy.exact(options.get("strategy_params") or {})
 
 
 def make_inputs(config: dict[str, Any], batch_size: int, seq_len: int, seed: int) -> tuple[dict[str, torch.Tensor], str]:

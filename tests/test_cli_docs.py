@@ -4,6 +4,7 @@ its --json schema, and the real JSON output of every command matches its documen
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -15,7 +16,9 @@ import ckptforge
 from ckptforge.cli import app, main
 from ckptforge.cli.docs import _commands, render_cli_docs
 from ckptforge.cli.schemas import ERROR, SCHEMAS
+from calib_helpers import image_folder
 from conftest import REPO, build_tiny
+from test_finetune import make_image_folder
 from hub_loopback import LoopbackHub
 
 CLI_MD = REPO / "docs" / "cli.md"
@@ -82,6 +85,10 @@ CASES = {
     "inspect": lambda d, c, t, m: ([["inspect", str(c)], ["inspect", "--aliases"]], None),
     "push": lambda d, c, t, m: (lambda args, server: ([args], server))(*_push_args(c, t, m)),
     "recipes list": lambda d, c, t, m: ([["recipes", "list"]], None),
+    "compare-strategies": lambda d, c, t, m: ([["compare-strategies", str(d), "--calibration", str(
+        image_folder(t / "calib", count=8)), "--experts", "4", "--strategies", "copy-all,random", "--calib-samples", "8"]], None),
+    "finetune": lambda d, c, t, m: ([["finetune", str(shutil.copytree(c, t / "tuned")), "--data", str(
+        make_image_folder(t / "imgs", per_class=4)), "--steps", "1", "--batch-size", "4", "--device", "cpu"]], None),
     "recipes show": lambda d, c, t, m: ([["recipes", "show", "mixtral-llama"]], None),
 }
 

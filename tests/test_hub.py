@@ -215,3 +215,16 @@ def test_upcycle_push_to_pushes_only_a_verified_conversion(hub, cli, dense, tmp_
     assert proc.returncode == 4 and (tmp_path / "kept" / "ckptforge.json").is_file()
     assert proc.stderr.strip().endswith(f"the output was written to {tmp_path / 'kept'}, push it later with "
                                         f"'ckptforge push {tmp_path / 'kept'} me/x'")
+
+
+def test_a_finetuned_output_is_still_pushable(hub, cli, converted, tmp_path):
+    from ckptforge.finetune import FinetuneOptions, finetune
+    from test_finetune import make_image_folder
+
+    moe = copy_of(converted, tmp_path)
+    data = make_image_folder(tmp_path / "imgs", per_class=4)
+    finetune(moe, FinetuneOptions(data=str(data), steps=1, batch_size=4, eval_every=1, device="cpu"))
+    assert "## Recovery" in (moe / "README.md").read_text()
+    proc = cli("push", str(moe), "me/tuned", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "## Recovery" in hub.repos["me/tuned"].branches["main"]["README.md"].decode()

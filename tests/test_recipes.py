@@ -12,10 +12,14 @@ import yaml
 
 from ckptforge.cli import main
 from ckptforge.config import parse_layers
+from ckptforge.config import UpcycleOptions
 from ckptforge.recipes import RecipeError, load_recipe, recipe_paths, validate_recipe
+from ckptforge.strategies import STRATEGIES
+from calib_helpers import add_tokenizer, image_folder, text_file
 from conftest import FAMILY_MODELS, read_json
 
 SHIPPED = recipe_paths()
+RECIPE_OPTIONS = set(UpcycleOptions().to_dict()) - {"shard_size", "dtype", "recipe", "calibration", "stats_cache"}
 
 
 @pytest.fixture
@@ -50,14 +54,22 @@ def test_shipped_recipe_validates_and_dry_runs_on_its_family(path, tiny, cli):
     assert path.read_text().lstrip().startswith("#"), "a recipe starts with comments giving its source"
     if missing := recipe.missing_components():
         pytest.skip(f"{recipe.name} needs {', '.join(missing)}, not registered in this installation yet")
-    code, out, err = cli("upcycle", str(tiny(FAMILY_MODELS[recipe.family])), "--recipe", recipe.name, "--dry-run", "--json")
+    dense = tiny(FAMILY_MODELS[recipe.family])
+    calibration = []
+    if STRATEGIES[recipe.options["strategy"]].needs_stats:  # the recipe names its data at run time
+        data = image_folder(dense.parent / "calib") if recipe.family == "vit" else text_file(dense.parent / "calib.txt")
+        if recipe.family != "vit":
+            add_tokenizer(dense)
+        calibration = ["--calibration", str(data), "--calib-samples", "8"]
+    code, out, err = cli("upcycle", str(dense), "--recipe", recipe.name, *calibration, "--dry-run", "--json")
     assert code == 0, err
     payload = json.loads(out)
     plan = payload["plan"]
     for key in ("num_experts", "top_k", "strategy", "strategy_params", "router"):
         if key in recipe.options:
             assert plan[key] == recipe.options[key], key
-    assert payload["recipe"]["name"] == recipe.name and payload["recipe"]["overrides"] == {}
+    assert payload["recipe"]["name"] == recipe.name
+    assert set(payload["recipe"]["overrides"]) == {flag[2:].replace("-", "_") for flag in calibration[::2]}
 
 
 def test_a_broken_recipe_reports_every_problem_with_its_field_path(tmp_path, cli):
@@ -75,13 +87,14 @@ def test_a_broken_recipe_reports_every_problem_with_its_field_path(tmp_path, cli
         "colour: unknown field; allowed: family, method, name, options, paper, summary",
         "family: 'gpt2' is not a registered family; use one of vit, bert, llama",
         "options.num_experts: must be an integer, not str",
-        "options.warp_speed: unknown option; allowed: layers, num_experts, router, router_init, router_init_std, seed, "
-        "strategy, strategy_params, top_k",
+        "options.warp_speed: unknown option; allowed: " + ", ".join(sorted(RECIPE_OPTIONS)),
         "options.router.type: missing (a string such as topk)",
     ]
+    assert {"num_experts", "top_k", "layers", "strategy", "strategy_params", "router"} <= RECIPE_OPTIONS
+    assert not {"shard_size", "dtype", "recipe", "calibration"} & RECIPE_OPTIONS
     code, _, err = cli("upcycle", "anything", "--recipe", str(path), "--dry-run")
     assert code == 2 and err.startswith(f"error: recipe {path} is invalid: method: missing (a string); paper:")
-    assert err.count(";") >= 8
+    assert err.count(";") >= 8  # every problem in the one line
 
 
 def test_option_values_are_checked_too(tmp_path):

@@ -15,6 +15,8 @@ import typer
 from ckptforge import __version__
 from ckptforge.errors import CkptforgeError
 
+from . import compare as compare_cmd
+from . import finetune as finetune_cmd  # issue 5: finetune
 from . import inspect as inspect_cmd
 from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
@@ -29,6 +31,8 @@ app = typer.Typer(
 app.command()(upcycle_cmd.upcycle)
 app.command()(verify_cmd.verify)
 app.command()(inspect_cmd.inspect)
+app.command("compare-strategies")(compare_cmd.compare)
+app.command()(finetune_cmd.finetune)  # issue 5: finetune
 app.command()(push_cmd.push); app.add_typer(recipes_cmd.app, name="recipes"); app.command(hidden=True)(docs_cmd.docs)  # issue 6
 
 

@@ -18,6 +18,32 @@ TolOpt = Annotated[float, typer.Option("--tol", help="Largest relative L2 error 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (written atomically).")]
 
+# --- strategy / calibration options (issue 3), shared by upcycle and compare-strategies ---
+ExpertWidthOpt = Annotated[int | None, typer.Option("--expert-width", help="Hidden units per expert S (default d_ff/E).")]
+ExpertRatioOpt = Annotated[float | None, typer.Option("--expert-ratio", help="Expert width as a fraction r of d_ff (S = r·d_ff).")]
+MetricOpt = Annotated[str | None, typer.Option("--metric", help="importance: unit score l2 (default) | l1 | count.")]
+ModeOpt = Annotated[str | None, typer.Option(
+    "--coactivation-mode", help="coactivation: partition (default) | sample; random: sample (default) | partition.")]
+PartsOpt = Annotated[int | None, typer.Option("--parts", help="coactivation: METIS parts P (partition: E; sample: 4E).")]
+ThresholdOpt = Annotated[str | None, typer.Option("--threshold", help="coactivation: a unit is active above zero | p90.")]
+OutputScaleOpt = Annotated[str | None, typer.Option(
+    "--output-scale", help="Factor on the combined expert output: auto | 1 | k | E/k | G | number.")]
+CalibrationOpt = Annotated[str | None, typer.Option(
+    "--calibration", help="Calibration data: image folder, .txt/.jsonl file, or dataset id/dir.")]
+CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use.")]
+CalibBatchOpt = Annotated[int, typer.Option("--calib-batch-size", help="Calibration batch size.")]
+StatsCacheOpt = Annotated[Path | None, typer.Option(
+    "--stats-cache", help="File to save / reuse activation statistics (keyed by source + calibration).")]
+
+
+def subset_params(expert_width: int | None, expert_ratio: float | None, metric: str | None, mode: str | None,
+                  parts: int | None, threshold: str | None, output_scale: str | None) -> dict[str, Any]:
+    """The strategy_params the subset-strategy options set (only those given)."""
+    given = {"expert_width": expert_width, "expert_ratio": expert_ratio, "metric": metric, "mode": mode,
+             "parts": parts, "threshold": threshold, "output_scale": output_scale}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
 

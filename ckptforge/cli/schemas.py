@@ -44,6 +44,20 @@ PUSH = _obj({
 _RECIPE_SUMMARY = _obj({"name": _STR, "method": _STR, "paper": _STR, "summary": _STR, "family": _STR,
                         "path": _STR, "missing": _STRS})
 
+_NULL_NUM, _NULL_INT = {"type": ["number", "null"]}, {"type": ["integer", "null"]}
+COMPARE = _obj({
+    "source": _STR, "num_experts": _INT, "top_k": _INT, "moe_layers": _INTS, "calibration": _OBJ,
+    "heldout_samples": _INT, "stats_seconds": _NUM,
+    "rows": {"type": "array", "items": _obj({
+        "strategy": _STR, "expert_width": _NULL_INT, "init_gap": _NULL_NUM, "overlap": _NULL_NUM,
+        "coverage": _NULL_NUM, "seconds": _NULL_NUM, "error": _NULL_STR})},
+})
+FINETUNE = _obj({
+    "model_dir": _STR, "report_dir": _STR, "options": _OBJ, "settings": _OBJ, "data": _OBJ, "device": _OBJ,
+    "runs": {"type": "array", "minItems": 1, "items": _obj({"name": _STR})}, "recovery": _OBJ,
+    "wall_seconds": _NUM, "saved": _NULL_STR,
+})
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "upcycle": {
         "$defs": {"plan": PLAN, "recipe": RECIPE_RECORD, "verify": VERIFY_REPORT, "push": PUSH},
@@ -62,6 +76,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
               "num_layers": _INT, "params_total": _INT, "params_active": _INT, "tensors": _INT}),
     ]},
     "push": PUSH,
+    "compare-strategies": COMPARE,
+    "finetune": FINETUNE,
     "recipes list": _obj({"recipes": {"type": "array", "items": _RECIPE_SUMMARY}}),
     "recipes show": {**_RECIPE_SUMMARY, "required": [*_RECIPE_SUMMARY["required"], "options", "sha256"],
                      "properties": {**_RECIPE_SUMMARY["properties"], "options": _OBJ, "sha256": _STR}},

@@ -17,6 +17,10 @@ from ckptforge.plan import Plan, build_plan
 from .push import push_output
 from .recipes import apply_recipe, check_recipe_family
 from .options import (
+    CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, ExpertRatioOpt, ExpertWidthOpt, MetricOpt, ModeOpt, OutputScaleOpt,
+    PartsOpt, StatsCacheOpt, ThresholdOpt, subset_params,
+)
+from .options import (
     ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TolOpt, byte_progress, emit_json, fail_verification, show_progress,
     stdout,
 )
@@ -32,8 +36,21 @@ def upcycle(
     strategy: Annotated[str, typer.Option("--strategy", "-s", help="Expert initialisation strategy.")] = "copy-all",
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
-    router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros.")] = "normal",
+    router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros | centroid (from --calibration).")] = "normal",
     router_init_std: Annotated[float, typer.Option("--router-init-std", help="Std of the normal router init.")] = 0.02,
+    # --- strategy and calibration options (issue 3) ---
+    expert_width: ExpertWidthOpt = None,
+    expert_ratio: ExpertRatioOpt = None,
+    metric: MetricOpt = None,
+    coactivation_mode: ModeOpt = None,
+    parts: PartsOpt = None,
+    threshold: ThresholdOpt = None,
+    output_scale: OutputScaleOpt = None,
+    calibration: CalibrationOpt = None,
+    calib_samples: CalibSamplesOpt = 256,
+    calib_batch_size: CalibBatchOpt = 16,
+    stats_cache: StatsCacheOpt = None,
+    # --- end strategy options ---
     seed: SeedOpt = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (keep) | float32 | bfloat16 | float16.")] = "auto",
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
@@ -54,8 +71,11 @@ def upcycle(
         raise UsageError(f"--shard-size: {exc}") from None
     options = UpcycleOptions(
         num_experts=experts, top_k=top_k, layers=layers, strategy=strategy,
-        strategy_params=_strategy_params(strategy, noise_std, drop_ratio),
+        strategy_params={**_strategy_params(strategy, noise_std, drop_ratio), **subset_params(
+            expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale)},
         router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
+        calibration=calibration, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
+        stats_cache=str(stats_cache) if stats_cache else None,
     )
     if recipe is not None:  # issue 6
         options = apply_recipe(ctx, recipe, options)

@@ -11,12 +11,6 @@ class BertFamily(EncoderFamily):
     name = "bert"
     model_types = ("bert",)
     modality = "text"
-    ffn = {
-        "up": "encoder.layer.{layer}.intermediate.dense.weight",
-        "up_bias": "encoder.layer.{layer}.intermediate.dense.bias",
-        "down": "encoder.layer.{layer}.output.dense.weight",
-        "down_bias": "encoder.layer.{layer}.output.dense.bias",
-    }
     # Original Google checkpoints name LayerNorm parameters gamma / beta.
     renames = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
     base_prefixes = ("bert.", "")

@@ -6,6 +6,14 @@ from typing import Any
 
 from .base import Family, MoELayout, OutputFormat
 
+#: FFN of layer {layer} in HF ViT and BERT checkpoints (relative to the base prefix).
+ENCODER_FFN = {
+    "up": "encoder.layer.{layer}.intermediate.dense.weight",
+    "up_bias": "encoder.layer.{layer}.intermediate.dense.bias",
+    "down": "encoder.layer.{layer}.output.dense.weight",
+    "down_bias": "encoder.layer.{layer}.output.dense.bias",
+}
+
 #: Expert tensors of the packed ckptforge layout (``moe.experts.*`` of :class:`StackedExperts`).
 PACKED_EXPERTS = {"w1": "up", "b1": "up_bias", "w2": "down", "b2": "down_bias"}
 
@@ -13,6 +21,7 @@ PACKED_EXPERTS = {"w1": "up", "b1": "up_bias", "w2": "down", "b2": "down_bias"}
 class EncoderFamily(Family):
     """A family whose MoE output is ``<name>_moe``, written by ckptforge's own modeling file."""
 
+    ffn = ENCODER_FFN
     #: Output model type, its modeling module in ckptforge.modeling, and its config class name.
     moe_model_type: str = ""
     config_class: str = ""

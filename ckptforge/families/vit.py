@@ -11,12 +11,6 @@ class ViTFamily(EncoderFamily):
     name = "vit"
     model_types = ("vit",)
     modality = "image"
-    ffn = {
-        "up": "encoder.layer.{layer}.intermediate.dense.weight",
-        "up_bias": "encoder.layer.{layer}.intermediate.dense.bias",
-        "down": "encoder.layer.{layer}.output.dense.weight",
-        "down_bias": "encoder.layer.{layer}.output.dense.bias",
-    }
     # transformers 5 in memory: vit.layers.N.{attention.q_proj, mlp.fc1, …}; on disk: vit.encoder.layer.N.…
     renames = (
         (_LAYER + r"attention\.q_proj\.", r"\1encoder.layer.\2.attention.attention.query."),

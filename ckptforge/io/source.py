@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -68,13 +69,12 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    #: Absolute byte range of the data in a safetensors file (None for pickles).
+    span: tuple[int, int] | None = None
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -88,21 +88,35 @@ class DenseCheckpoint:
     weight_files: list[Path]
     revision: str | None = None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _files: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a copy, detached from the file)."""
-        info = self.tensors[name]
-        handle = self._handle(info.file)
-        if isinstance(handle, dict):
-            return handle[name].clone()
-        return handle.get_tensor(name)
+        """Read one tensor into memory (a copy, detached from the file).
 
-    def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
-            self._handles[path] = _open_weights(path)[0]
-        return self._handles[path]
+        safetensors data is read with plain file reads at the offsets the header gives, not
+        through a memory map: mapped pages would stay in this process's resident memory for
+        the whole run, and memory must stay bounded by one tensor, not the model size.
+        """
+        info = self.tensors[name]
+        if info.span is None:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = _open_pickle(info.file)[0]
+            return handle[name].clone()
+        start, end = info.span
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb")
+        f.seek(start)
+        if f.readinto(buf.numpy()) != end - start:
+            raise SourceError(f"'{info.file}' ended while reading tensor '{name}'; the file is truncated")
+        return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         self._handles.clear()
 
     def file_hashes(self) -> dict[str, str]:
@@ -183,7 +197,8 @@ def open_checkpoint(ref: str | os.PathLike[str]) -> DenseCheckpoint:
     handles: dict[Path, Any] = {}
     for wf in weight_files:
         handle, infos = _open_weights(wf)
-        handles[wf] = handle
+        if isinstance(handle, dict):
+            handles[wf] = handle
         for info in infos:
             if info.name in tensors:
                 raise SourceError(f"tensor '{info.name}' appears in two weight files; the checkpoint is inconsistent")
@@ -248,16 +263,17 @@ def _open_weights(path: Path) -> tuple[Any, list[TensorInfo]]:
 def _open_safetensors(path: Path) -> tuple[Any, list[TensorInfo]]:
     from safetensors import safe_open
 
-    _check_safetensors_size(path)
+    data_start, header = _check_safetensors_size(path)
     try:
-        handle = safe_open(str(path), framework="pt")
+        handle = safe_open(str(path), framework="pt")  # the library validates the header
         infos = []
         for name in handle.keys():
             sl = handle.get_slice(name)
             dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
             if dtype is None:
                 raise SourceError(f"tensor '{name}' in '{path.name}' has unsupported dtype {sl.get_dtype()}")
-            infos.append(TensorInfo(name, path, dtype, tuple(sl.get_shape())))
+            begin, end = header[name]["data_offsets"]
+            infos.append(TensorInfo(name, path, dtype, tuple(sl.get_shape()), (data_start + begin, data_start + end)))
     except SourceError:
         raise
     except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses
@@ -267,8 +283,10 @@ def _open_safetensors(path: Path) -> tuple[Any, list[TensorInfo]]:
     return handle, infos
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """Reject truncated files up front: header length + largest data offset must equal file size."""
+def _check_safetensors_size(path: Path) -> tuple[int, dict[str, Any]]:
+    """Reject truncated files up front: header length + largest data offset must equal file size.
+
+    Returns where the data starts and the parsed header."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -286,6 +304,7 @@ def _check_safetensors_size(path: Path) -> None:
         raise SourceError(
             f"'{path}' is truncated or padded ({size} bytes, header says {8 + n + end}); re-download it"
         )
+    return 8 + n, header
 
 
 def _open_pickle(path: Path) -> tuple[dict[str, torch.Tensor], list[TensorInfo]]:

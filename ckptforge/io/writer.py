@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ckptforge.errors import OutputExistsError
 
@@ -64,23 +66,34 @@ def shard_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None
 
 def write_shard(path: Path, specs: list[TensorSpec], chunks: Iterable[Iterator[torch.Tensor]]) -> str:
     """Write one shard: ``chunks`` yields, per spec, an iterator of tensors whose bytes concatenate
-    to that tensor (one piece, or e.g. one expert after another). Returns the file's sha256."""
+    to that tensor (one piece, or e.g. one expert after another). Returns the file's sha256.
+
+    The file write runs in a second thread while this one hashes the same bytes (both release
+    the GIL), with at most two pieces in flight, so hashing costs no wall time on two cores.
+    """
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        head = shard_header(specs)
-        f.write(head)
-        digest.update(head)
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        in_flight: deque[Future] = deque()
+
+        def put(data: object) -> None:
+            while len(in_flight) >= 2:
+                in_flight.popleft().result()
+            in_flight.append(pool.submit(f.write, data))
+            digest.update(data)
+
+        put(shard_header(specs))
         for spec, pieces in zip(specs, chunks, strict=True):
             written = 0
             for piece in pieces:
                 if piece.dtype != spec.dtype:
                     piece = piece.to(spec.dtype)
                 data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(data)
-                digest.update(data)
+                put(data)
                 written += data.nbytes
             if written != spec.nbytes:
                 raise RuntimeError(f"tensor {spec.name}: wrote {written} bytes, planned {spec.nbytes}")
+        while in_flight:
+            in_flight.popleft().result()
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()

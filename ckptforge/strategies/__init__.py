@@ -9,7 +9,12 @@ from __future__ import annotations
 from ckptforge.errors import UsageError
 
 from .base import DenseFFN, ExpertInit, LayerSelection, Strategy
+from .coactivation import Coactivation
 from .copy_all import CopyAll
+from .granular import Granular
+from .importance import Importance
+from .random import Random
+from .uniform import Uniform
 
 STRATEGIES: dict[str, Strategy] = {}
 
@@ -29,7 +34,7 @@ def get_strategy(name: str) -> Strategy:
         raise UsageError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
 
 
-for _strategy in (CopyAll(),):
+for _strategy in (CopyAll(), Random(), Uniform(), Importance(), Coactivation(), Granular()):
     register_strategy(_strategy)
 
 __all__ = ["STRATEGIES", "DenseFFN", "ExpertInit", "LayerSelection", "Strategy", "get_strategy", "register_strategy"]

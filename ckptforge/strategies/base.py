@@ -58,11 +58,20 @@ class Strategy:
         """Problems with ``params`` for this FFN size; empty when fine (checked before any tensor is read)."""
         return []
 
-    def expert_width(self, params: dict[str, Any], intermediate_size: int) -> int:
+    def stats_needed(self, params: dict[str, Any]) -> set[str]:
+        """What the strategy reads from calibration: ``scores`` (per-unit L1/L2/count) and/or
+        ``coactivation`` (the d_ff×d_ff counts); empty when it needs no calibration data."""
+        return set()
+
+    def expert_width(self, params: dict[str, Any], intermediate_size: int, num_experts: int = 1) -> int:
         """Width S of every expert."""
         return intermediate_size
 
-    def output_scale(self, params: dict[str, Any], num_experts: int, top_k: int) -> float:
+    def exact(self, params: dict[str, Any]) -> bool:
+        """True when, with these params, the MoE computes the dense function exactly at init."""
+        return False
+
+    def output_scale(self, params: dict[str, Any], num_experts: int, top_k: int, intermediate_size: int = 0) -> float:
         """Factor on the combined expert output, stored in the output config (granular scaling)."""
         return 1.0
 

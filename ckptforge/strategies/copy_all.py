@@ -26,6 +26,9 @@ class CopyAll(Strategy):
             problems.append(f"--noise-std {params['noise_std']} is negative; use 0 or a small positive std")
         return problems
 
+    def exact(self, params: dict[str, Any]) -> bool:
+        return not params.get("noise_std") and not params.get("drop_ratio")
+
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
         d_ff = ffn.intermediate_size

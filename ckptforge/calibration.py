@@ -1,0 +1,294 @@
+"""Activation statistics from calibration data: what the strategies and the centroid router read.
+
+The dense model runs through transformers; forward pre-hooks on each MoE layer's down projection
+see the FFN's hidden-unit activations (after the activation, and for gated FFNs after act(gate)·up)
+and, when the centroid router needs them, hooks on the up projection see the FFN input. Statistics
+are accumulated streaming per batch (:class:`LayerStats`), on CUDA when present.
+
+    >>> stats = LayerStats(4, 2, threshold="zero", needs={"scores", "coactivation"})
+    >>> stats.update(torch.tensor([[1.0, 0.0, 2.0, -1.0]]))
+    >>> stats.count.tolist(), stats.coactivation[0].tolist()
+    ([1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ckptforge.calibration_data import CalibrationSet
+from ckptforge.errors import CalibrationError
+from ckptforge.io.source import DenseCheckpoint
+
+#: What :class:`LayerStats` can accumulate: per-unit scores, co-activation counts, input centroids.
+NEEDS = ("scores", "coactivation", "centroids")
+
+
+class LayerStats:
+    """Streaming statistics of one FFN's d_ff hidden units over calibration tokens.
+
+    ``l1`` Σ|a|, ``l2`` √Σa², ``count`` #(a > τ) per unit; ``coactivation`` Σ AᵀA with A = (a > τ),
+    diagonal zero (float32 counts: exact below 2²⁴ tokens); ``input_sums`` Σ|a|·x (d_ff × d) and
+    ``input_total`` Σx for the centroid router. τ is 0, or the 90th percentile of each batch (p90).
+    """
+
+    def __init__(self, intermediate_size: int, hidden_size: int, threshold: str = "zero",
+                 needs: set[str] | frozenset[str] = frozenset({"scores"}), device: str | torch.device = "cpu"):
+        self.threshold, self.needs, self.tokens = threshold, set(needs), 0
+        n, d = intermediate_size, hidden_size
+        self.l1 = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.count = torch.zeros(n, dtype=torch.float64, device=device)
+        self.coactivation = torch.zeros(n, n, device=device) if "coactivation" in needs else None
+        self.input_sums = torch.zeros(n, d, dtype=torch.float64, device=device) if "centroids" in needs else None
+        self.input_total = torch.zeros(d, dtype=torch.float64, device=device) if "centroids" in needs else None
+
+    @property
+    def l2(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+    def score(self, metric: str) -> torch.Tensor:
+        """Per-unit importance score: ``l2`` | ``l1`` | ``count``."""
+        return {"l2": self.l2, "l1": self.l1, "count": self.count}[metric].cpu()
+
+    def update(self, acts: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+        """Add a batch of activations (T × d_ff) and, for centroids, the FFN inputs (T × d)."""
+        a = acts.float()
+        self.tokens += a.shape[0]
+        self.l1 += a.abs().sum(0).double()
+        self.sq += a.square().sum(0).double()
+        tau = 0.0 if self.threshold == "zero" else _percentile(a, 0.9)
+        fired = (a > tau).float()
+        self.count += fired.sum(0).double()
+        if self.coactivation is not None:
+            self.coactivation.addmm_(fired.T, fired)
+            self.coactivation.fill_diagonal_(0)
+        if self.input_sums is not None and inputs is not None:
+            x = inputs.float()
+            self.input_sums += (a.abs().T @ x).double()
+            self.input_total += x.sum(0).double()
+
+    def to(self, device: str | torch.device) -> LayerStats:
+        for name in ("l1", "sq", "count", "coactivation", "input_sums", "input_total"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """A few numbers that describe the statistics (recorded in ckptforge.json)."""
+        rate = (self.count / max(self.tokens, 1)).cpu()
+        l2 = self.l2.cpu()
+        top = l2.sort(descending=True).values
+        tenth = max(1, top.numel() // 10)
+        return {"tokens": self.tokens, "threshold": self.threshold,
+                "mean_fire_rate": round(rate.mean().item(), 6), "dead_units": int((rate == 0).sum()),
+                "l2_share_top10pct": round((top[:tenth].square().sum() / top.square().sum().clamp(min=1e-30)).item(), 6)}
+
+
+def _percentile(a: torch.Tensor, q: float) -> float:
+    flat = a.reshape(-1)
+    k = max(1, min(flat.numel(), int(round(q * flat.numel()))))
+    return flat.kthvalue(k).values.item() if flat.device.type == "cpu" else flat.float().sort().values[k - 1].item()
+
+
+@dataclass
+class ActivationStats:
+    """Per-MoE-layer :class:`LayerStats` plus where they came from; ``layer(i)`` is what execute reads."""
+
+    layers: dict[int, LayerStats]
+    calibration: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+
+    def layer(self, layer: int) -> LayerStats:
+        return self.layers[layer]
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.calibration, "key": self.key,
+                "layers": {str(i): s.summary() for i, s in sorted(self.layers.items())}}
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` (torch format, read back by :func:`load_stats`)."""
+        state = {i: {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(s).items()}
+                 for i, s in self.layers.items()}
+        torch.save({"key": self.key, "calibration": self.calibration,
+                    "layers": {i: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in d.items()}
+                               for i, d in state.items()}}, path)
+
+
+def load_stats(path: str | Path, key: str) -> ActivationStats | None:
+    """The statistics cached at ``path`` when their key is ``key``; None when absent or stale."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception:
+        raise CalibrationError(f"--stats-cache '{path}' is not a ckptforge statistics file; delete it or pass another path") from None
+    if data.get("key") != key:
+        return None
+    layers = {}
+    for i, state in data["layers"].items():
+        s = LayerStats.__new__(LayerStats)
+        s.__dict__.update(state)
+        layers[int(i)] = s
+    return ActivationStats(layers, data["calibration"], key)
+
+
+def stats_key(ckpt: DenseCheckpoint, data: CalibrationSet, layers: list[int], threshold: str, needs: set[str]) -> str:
+    """Cache key: source file hashes + calibration inputs + what was collected."""
+    payload = {"source": ckpt.file_hashes(), "data": data.fingerprint, "samples": data.num_samples,
+               "layers": layers, "threshold": threshold, "needs": sorted(needs)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def collect_stats(ckpt: DenseCheckpoint, data: CalibrationSet, layers: list[int], *, threshold: str = "zero",
+                  needs: set[str] | None = None, stop: int | None = None,
+                  device: str | None = None) -> ActivationStats:
+    """Run the dense model over ``data`` (samples ``:stop``) and accumulate statistics of ``layers``.
+
+        >>> stats = collect_stats(ckpt, data, [1, 3], needs={"scores"})      # doctest: +SKIP
+        >>> stats.layer(1).l2.shape                                           # doctest: +SKIP
+        torch.Size([64])
+    """
+    from ckptforge.families import detect_family
+    from ckptforge.loading import load_model
+
+    needs = set(needs or {"scores"})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    family = detect_family(ckpt.config)
+    dims = family.dims(ckpt.config)
+    model = load_model(dense_weights_path(ckpt), ckpt.config).to(device)
+    result = {i: LayerStats(dims.intermediate_size, dims.hidden_size, threshold, needs, device) for i in layers}
+    runner = _HookedForward(model, family, layers, result, "centroids" in needs)
+    with torch.no_grad(), runner.hooked():
+        for batch in data.batches(0, stop):
+            runner.forward({k: v.to(device) for k, v in batch.items()})
+    del model
+    stats = ActivationStats({i: s.to("cpu") for i, s in result.items()},
+                            {**data.describe(), "samples": min(stop or data.num_samples, data.num_samples),
+                             "device": str(device)})
+    return stats
+
+
+class _HookedForward:
+    """Produces FFN activations by a whole-model forward with hooks (a layer-by-layer runner can
+    replace it: it only needs to call ``LayerStats.update`` per batch)."""
+
+    def __init__(self, model: torch.nn.Module, family: Any, layers: list[int], stats: dict[int, LayerStats],
+                 want_inputs: bool):
+        self.model, self.stats, self.want_inputs = model, stats, want_inputs
+        canonical = family.canonical_names(list(model.state_dict()))
+        prefix = family.base_prefix(set(canonical)) or ""
+        self.modules = {}
+        for layer in layers:
+            names = family.ffn_names(prefix, layer)
+            path = {role: canonical[names[role]].removesuffix(".weight") for role in ("up", "down")}
+            self.modules[layer] = {role: model.get_submodule(p) for role, p in path.items()}
+        self.mask: torch.Tensor | None = None
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = []
+        for layer, mods in self.modules.items():
+            if self.want_inputs:
+                handles.append(mods["up"].register_forward_pre_hook(self._input_hook(layer)))
+            handles.append(mods["down"].register_forward_pre_hook(self._act_hook(layer)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1, t.shape[-1])
+        return flat[self.mask.reshape(-1).bool()] if self.mask is not None else flat
+
+    def _input_hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            self._inputs[layer] = self._rows(args[0])
+        return hook
+
+    def _act_hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            self.stats[layer].update(self._rows(args[0]), self._inputs.pop(layer, None))
+        return hook
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> None:
+        self.mask = batch.get("attention_mask")
+        self.model(**batch)
+
+
+def centroid_router(units: list[torch.Tensor], stats: LayerStats, norm: float) -> torch.Tensor:
+    """Router rows (E × d) from calibration: expert e's row points from the mean FFN input to the
+    mean input seen when its units are active (weighted by |a|), scaled to length ``norm``.
+
+    Top-k routing then sends a token to the experts whose units it would activate most.
+    """
+    if stats.input_sums is None:
+        raise CalibrationError("--router-init centroid needs calibration statistics with FFN inputs; pass --calibration PATH")
+    mean = (stats.input_total / max(stats.tokens, 1)).cpu()
+    rows = []
+    for idx in units:
+        weight = stats.l1.cpu()[idx].sum().clamp(min=1e-30)
+        centre = stats.input_sums.cpu()[idx].sum(0) / weight - mean
+        rows.append(centre / centre.norm().clamp(min=1e-30) * norm)
+    return torch.stack(rows).float()
+
+
+def needed_stats(options: Any) -> set[str]:
+    """What an upcycling run needs from calibration (empty: no calibration pass)."""
+    from ckptforge.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(options.strategy)
+    needs = strategy.stats_needed(options.strategy_params) if strategy is not None else set()
+    if options.router_init == "centroid":
+        needs |= {"scores", "centroids"}
+    return needs
+
+
+def statistics_for(ckpt: DenseCheckpoint, options: Any, moe_layers: list[int], modality: str) -> ActivationStats | None:
+    """The statistics an upcycling run needs, read from ``options.stats_cache`` when its key
+    matches, else collected from ``options.calibration`` (and cached there). None when none needed.
+
+        >>> stats = statistics_for(ckpt, UpcycleOptions(strategy="importance", calibration="imgs/"), [1], "image")  # doctest: +SKIP
+    """
+    from ckptforge.calibration_data import load_calibration
+
+    needs = needed_stats(options)
+    if not needs:
+        return None
+    if not options.calibration:
+        raise CalibrationError(missing_calibration_message(options))
+    data = load_calibration(options.calibration, ckpt, modality, samples=options.calib_samples,
+                            batch_size=options.calib_batch_size, seed=options.seed)
+    threshold = options.strategy_params.get("threshold", "zero")
+    key = stats_key(ckpt, data, moe_layers, threshold, needs)
+    if options.stats_cache and (cached := load_stats(options.stats_cache, key)) is not None:
+        cached.calibration["cache"] = "hit"
+        return cached
+    stats = collect_stats(ckpt, data, moe_layers, threshold=threshold, needs=needs)
+    stats.key = key
+    if options.stats_cache:
+        stats.save(options.stats_cache)
+        stats.calibration["cache"] = "written"
+    return stats
+
+
+def missing_calibration_message(options: Any) -> str:
+    what = f"--strategy {options.strategy}" if options.router_init != "centroid" else "--router-init centroid"
+    return (f"{what} needs activation statistics; pass --calibration PATH "
+            "(a folder of images, a .txt/.jsonl file or a dataset)")
+
+
+def dense_weights_path(ckpt: DenseCheckpoint) -> Path:
+    """What :func:`ckptforge.loading.load_model` loads the dense checkpoint from."""
+    if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name not in ("model.safetensors", "pytorch_model.bin"):
+        return ckpt.weight_files[0]
+    return ckpt.root

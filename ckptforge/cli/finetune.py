@@ -1,0 +1,96 @@
+"""``ckptforge finetune``: short recovery training of the MoE beside the dense baseline."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator
+
+import typer
+from rich.table import Table
+
+from ckptforge.finetune import FinetuneOptions, FinetuneReport
+from ckptforge.finetune import finetune as run_finetune
+
+from .options import ForceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, show_progress, stderr, stdout
+
+
+def finetune(
+    model_dir: Annotated[Path, typer.Argument(help="An upcycled MoE directory (ckptforge upcycle --out).")],
+    data: Annotated[str, typer.Option("--data", help="Class folders, .txt/.jsonl file, saved dataset dir or Hub dataset id.")],
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps per run.")] = 200,
+    compare: Annotated[str | None, typer.Option("--compare", help="Also train this dense source on the same budget.")] = None,
+    scratch: Annotated[bool, typer.Option("--scratch", help="Also train the same MoE architecture from random init.")] = False,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step (per process).")] = 16,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: steps/10).")] = 0,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Eval data (default: a seeded 10% of --data).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text example.")] = 64,
+    aux_weight: Annotated[float, typer.Option("--aux-weight", help="Weight of the routers' load-balancing loss.")] = 0.01,
+    seed: SeedOpt = 0,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.")] = "auto",
+    save: Annotated[Path | None, typer.Option("--save", help="Save the fine-tuned MoE here.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Report directory (default MODEL_DIR/finetune).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the MoE (and --compare dense, --scratch) for a few steps; write curves and a Recovery table."""
+    options = FinetuneOptions(
+        data=data, steps=steps, compare=compare, scratch=scratch, lr=lr, batch_size=batch_size,
+        eval_every=eval_every, eval_data=eval_data, seed=seed, device=device, precision=precision,
+        seq_len=seq_len, aux_weight=aux_weight, save=str(save) if save else None,
+        report=str(report) if report else None, force=force,
+    )
+    with _live(show_progress(quiet, as_json)) as on_step:
+        result = run_finetune(model_dir, options, on_step=on_step)
+    if not _is_main():
+        return
+    if as_json:
+        emit_json(result.to_dict())
+    elif not quiet:
+        render_report(result)
+
+
+def _is_main() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
+@contextmanager
+def _live(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar per run on stderr showing the train loss; a no-op when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  "loss {task.fields[loss]:.4f}", TimeRemainingColumn(), console=stderr) as bar:
+
+        def on_step(run: str, step: int, total: int, loss: float) -> None:
+            if run not in tasks:
+                tasks[run] = bar.add_task(f"train {run}", total=total, loss=float("nan"))
+            bar.update(tasks[run], completed=step, loss=loss)
+
+        yield on_step
+
+
+def render_report(report: FinetuneReport) -> None:
+    rec = report.recovery
+    metric = rec["metric"]
+    table = Table("run", f"{metric} at 0", f"final {metric}", f"best {metric}", "throughput",
+                  title=f"finetune {report.model_dir} ({report.device['name']}, {report.settings['steps']} steps)")
+    for name, v in rec["runs"].items():
+        table.add_row(name, f"{v['initial']:.4f}", f"{v['final']:.4f}", f"{v['best']:.4f}",
+                      f"{v['throughput']:,.1f} {v['unit']}")
+    stdout.print(table)
+    if "dense" in rec["runs"]:
+        steps = rec["moe_steps_to_dense"]
+        stdout.print(f"MoE reached the dense final {metric} at step {steps}" if steps is not None
+                     else f"MoE did not reach the dense final {metric} in {report.settings['steps']} steps")
+    stdout.print(f"wrote {report.report_dir}/finetune.json, curves.png and the card's Recovery section"
+                 + (f"; saved the model to {report.saved}" if report.saved else ""))

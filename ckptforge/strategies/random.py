@@ -1,0 +1,36 @@
+"""random: each expert draws S hidden units independently (``randperm``), so experts overlap;
+``mode=partition`` instead splits one random permutation into E disjoint sets that cover d_ff.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> sel = Random().select(DenseFFN({"up": torch.zeros(8, 4)}), 2, {"mode": "partition"}, None, g)
+    >>> sorted(torch.cat([e.units for e in sel.experts]).tolist()) == list(range(8))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import DenseFFN, ExpertInit, LayerSelection
+from .subset import SubsetStrategy
+
+
+class Random(SubsetStrategy):
+    name = "random"
+    summary = "each expert takes S random hidden units (or a random partition with mode=partition)"
+    modes = ("sample", "partition")
+
+    def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
+               generator: torch.Generator) -> LayerSelection:
+        d_ff = ffn.intermediate_size
+        width = self.expert_width(params, d_ff, num_experts)
+        if self.is_partition(params):
+            perm = torch.randperm(d_ff, generator=generator)
+            sets = [perm[e * width:(e + 1) * width] for e in range(num_experts)]
+        else:
+            sets = [torch.randperm(d_ff, generator=generator)[:width] for _ in range(num_experts)]
+        return LayerSelection([ExpertInit(s.sort().values) for s in sets],
+                              down_bias_scale=self.down_bias_scale(params, num_experts),
+                              summary={"mode": params.get("mode", "sample")})

@@ -1,0 +1,29 @@
+"""uniform (MoE Jetpack's definition): every expert takes the same evenly spaced units
+``round(linspace(0, d_ff − 1, S))``; useful for the universal experts of the dual path.
+
+    >>> Uniform().units(8, 3).tolist()
+    [0, 4, 7]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import DenseFFN, ExpertInit, LayerSelection
+from .subset import SubsetStrategy
+
+
+class Uniform(SubsetStrategy):
+    name = "uniform"
+    summary = "every expert takes the same evenly spaced S hidden units (MoE Jetpack)"
+
+    def units(self, intermediate_size: int, width: int) -> torch.Tensor:
+        """The evenly spaced unit indices (unique, sorted)."""
+        return torch.linspace(0, intermediate_size - 1, width, dtype=torch.float64).round().long().unique()
+
+    def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
+               generator: torch.Generator) -> LayerSelection:
+        units = self.units(ffn.intermediate_size, self.expert_width(params, ffn.intermediate_size, num_experts))
+        return LayerSelection([ExpertInit(units) for _ in range(num_experts)])
