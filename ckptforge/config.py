@@ -43,6 +43,8 @@ class UpcycleOptions:
     calib_samples: int = 256
     calib_batch_size: int = 16
     stats_cache: str | None = None
+    # --- issue 6 (recipes): the resolved recipe (name, file hash, values, overrides), or None ---
+    recipe: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +135,7 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """Resolve ``all`` | ``every-N`` (layers N-1, 2N-1, …) | ``last-N`` | ``i,j,k`` to layer indices.
+    """Resolve ``all`` | ``every-N`` (layers N-1, 2N-1, …) | ``last-N`` | ``last-P%`` | ``i,j,k`` to layer indices.
 
     Raises ValueError with the fix in the message.
     """
@@ -145,6 +147,11 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         if step < 1:
             raise ValueError("--layers every-N needs N ≥ 1")
         return list(range(step - 1, num_layers, step))
+    if m := re.fullmatch(r"last-(\d+)%", spec):  # issue 6: recipes say "the last half" as last-50%
+        share = int(m.group(1))
+        if not 1 <= share <= 100:
+            raise ValueError(f"--layers last-{share}% is out of range; use a share between 1% and 100%")
+        return list(range(num_layers - max(1, round(num_layers * share / 100)), num_layers))
     if m := re.fullmatch(r"last-(\d+)", spec):
         n = int(m.group(1))
         if not 1 <= n <= num_layers:

@@ -44,6 +44,11 @@ def write_outputs(report: Any, model_dir: Path, report_dir: Path) -> None:
     (report_dir / "finetune.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     plot_curves(report.runs, report_dir / "curves.png", title=f"finetune {model_dir.name}")
     append_card_section(model_dir / "README.md", recovery_markdown(report))
+    from ckptforge.hub import record_hashes  # issue 6: keep the output pushable after finetune
+
+    inside = [p.name for p in (report_dir / "finetune.json", report_dir / "curves.png")
+              if p.resolve().parent == model_dir.resolve()]
+    record_hashes(model_dir, ["README.md", *inside])
 
 
 def plot_curves(runs: list[RunResult], path: Path, title: str = "") -> Path:

@@ -14,6 +14,8 @@ from ckptforge.execute import upcycle as run_upcycle
 from ckptforge.io.source import open_checkpoint
 from ckptforge.plan import Plan, build_plan
 
+from .push import push_output
+from .recipes import apply_recipe, check_recipe_family
 from .options import (
     CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, ExpertRatioOpt, ExpertWidthOpt, MetricOpt, ModeOpt, OutputScaleOpt,
     PartsOpt, StatsCacheOpt, ThresholdOpt, subset_params,
@@ -30,11 +32,12 @@ SLOT_ROUTER_STRATEGY = "importance"
 
 
 def upcycle(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev].")],
     out: OutOpt = None,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
-    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
+    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | last-P% | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
     strategy: Annotated[str | None, typer.Option("--strategy", "-s", help="Expert initialisation strategy (default copy-all; soft/sphero with --calibration: " + SLOT_ROUTER_STRATEGY + ").")] = None,
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
@@ -76,6 +79,9 @@ def upcycle(
     expert_dropout: Annotated[float | None, typer.Option("--expert-dropout", help="soft/sphero: expert dropout in training.")] = None,
     drop_path: Annotated[float | None, typer.Option("--drop-path", help="soft/sphero: drop-path on the MoE output in training.")] = None,
     heads: Annotated[int | None, typer.Option("--heads", help="mh: sub-tokens per token (default 4).")] = None,
+    # --- issue 6: recipes and Hub push ---
+    recipe: Annotated[str | None, typer.Option("--recipe", help="A recipe name (ckptforge recipes list) or YAML path; explicit flags override its values.")] = None,
+    push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
     try:
@@ -96,22 +102,30 @@ def upcycle(
         calibration=calibration, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
         stats_cache=str(stats_cache) if stats_cache else None,
     )
+    if recipe is not None:  # issue 6
+        options = apply_recipe(ctx, recipe, options)
     if dry_run:
         plan = build_plan(open_checkpoint(source), options, out)
+        check_recipe_family(options, plan.family)
         if as_json:
-            emit_json({"dry_run": True, "plan": plan.to_dict()})
+            emit_json({"dry_run": True, "plan": plan.to_dict(), "recipe": options.recipe})
         else:
             render_plan(plan)
         return
     if out is None:
         raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
     ckpt_plan = build_plan(open_checkpoint(source), options, out)
+    check_recipe_family(options, ckpt_plan.family)
     with byte_progress(ckpt_plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:
         result = run_upcycle(source, out, options, force=force, verify=verify, tol=tol, progress=progress)
     payload = {
         "out": str(result.out), "seconds": round(result.seconds, 3), "plan": result.plan.to_dict(),
         "files": result.files, "verify": result.verify.to_dict() if result.verify else None,
+        "recipe": options.recipe,
     }
+    verified = result.verify is None or result.verify.passed
+    if push_to is not None and verified:  # issue 6: push only a conversion that passed
+        payload["push"] = push_output(result.out, push_to, quiet=quiet or as_json)
     if as_json:
         emit_json(payload)
     elif not quiet:

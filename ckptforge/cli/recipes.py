@@ -1,0 +1,93 @@
+"""``ckptforge recipes list|show``: the shipped upcycling recipes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ckptforge.config import UpcycleOptions
+from ckptforge.errors import UsageError
+from ckptforge.recipes import load_recipe, recipe_paths, resolve_options
+
+from .options import JsonOpt, emit_json, stdout
+
+app = typer.Typer(no_args_is_help=True, help="List and show the shipped upcycling recipes (recipes/*.yaml).")
+
+
+@app.command("list")
+def list_recipes(as_json: JsonOpt = False) -> None:
+    """Name, method, paper and a one-line summary of every shipped recipe."""
+    recipes = [load_recipe(p) for p in recipe_paths()]
+    if as_json:
+        emit_json({"recipes": [r.summary_dict() for r in recipes]})
+        return
+    table = Table(title="recipes")
+    table.add_column("name", no_wrap=True)
+    for column in ("method", "paper", "summary"):
+        table.add_column(column)
+    for r in recipes:
+        missing = r.missing_components()
+        note = f" [yellow](needs {', '.join(missing)})[/]" if missing else ""
+        table.add_row(r.name, r.method, r.paper, r.summary + note)
+    stdout.print(table)
+
+
+@app.command("show")
+def show_recipe(
+    name: Annotated[str, typer.Argument(help="A shipped recipe name or a YAML path.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Print one recipe: its YAML (with the comments that give source and arithmetic)."""
+    recipe = load_recipe(name)
+    if as_json:
+        emit_json({**recipe.summary_dict(), "options": recipe.options, "sha256": recipe.sha256})
+        return
+    print(recipe.path.read_text(), end="")
+
+
+#: upcycle flags whose option field has another name; (field, key) puts the value into a dict field.
+#: A flag named like an UpcycleOptions field needs no entry.
+FLAG_FIELDS: dict[str, str | tuple[str, str]] = {
+    "experts": "num_experts", "noise_std": ("strategy_params", "noise_std"),
+    "drop_ratio": ("strategy_params", "drop_ratio"),
+}
+_OPTION_FIELDS = set(UpcycleOptions().to_dict()) - {"recipe"}
+_GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may bring its own click enum
+
+
+def explicit_overrides(ctx: Any, options: UpcycleOptions) -> dict[str, Any]:
+    """The option values the user gave as flags (not defaults), keyed by UpcycleOptions field."""
+    overrides: dict[str, Any] = {}
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name not in _GIVEN:
+            continue
+        target = FLAG_FIELDS.get(name, name if name in _OPTION_FIELDS else None)
+        if isinstance(target, tuple):
+            field_name, key = target
+            value = getattr(options, field_name).get(key)
+            if value is not None:
+                overrides.setdefault(field_name, {})[key] = value
+        elif target is not None:
+            overrides[target] = getattr(options, target)
+    return overrides
+
+
+def apply_recipe(ctx: Any, ref: str, options: UpcycleOptions) -> UpcycleOptions:
+    """Options from the recipe ``ref`` with the explicitly given flags on top."""
+    recipe = load_recipe(ref)
+    resolved = resolve_options(recipe, explicit_overrides(ctx, options), base=options)
+    resolved.recipe["family"] = recipe.family
+    return resolved
+
+
+def check_recipe_family(options: UpcycleOptions, family: str) -> None:
+    """A recipe written for one family refuses a checkpoint of another."""
+    wanted = (options.recipe or {}).get("family")
+    if wanted is not None and wanted != family:
+        raise UsageError(
+            f"recipe '{options.recipe['name']}' is for {wanted} checkpoints, but the source is a {family} "
+            f"checkpoint; pick a {family} recipe from 'ckptforge recipes list'"
+        )
