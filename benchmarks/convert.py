@@ -82,6 +82,7 @@ def timed(cmd: list[str], cwd: Path | None = None) -> dict:
     (wait4() from this process would count the pages a forked child shares with this one.)
     """
     report = Path(os.environ.get("TMPDIR", "/tmp")) / f"ckptforge-bench-{os.getpid()}.time"
+    os.sync()  # the previous command's write-back must not slow this one down
     start = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *cmd], cwd=cwd,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -72,13 +72,13 @@ def write_shard(path: Path, specs: list[TensorSpec], chunks: Iterable[Iterator[t
     the GIL), with at most two pieces in flight, so hashing costs no wall time on two cores.
     """
     digest = hashlib.sha256()
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(max_workers=1) as pool:
         in_flight: deque[Future] = deque()
 
         def put(data: object) -> None:
             while len(in_flight) >= 2:
                 in_flight.popleft().result()
-            in_flight.append(pool.submit(f.write, data))
+            in_flight.append(pool.submit(_write_all, f, data))
             digest.update(data)
 
         put(shard_header(specs))
@@ -94,9 +94,15 @@ def write_shard(path: Path, specs: list[TensorSpec], chunks: Iterable[Iterator[t
                 raise RuntimeError(f"tensor {spec.name}: wrote {written} bytes, planned {spec.nbytes}")
         while in_flight:
             in_flight.popleft().result()
-        f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def _write_all(f, data) -> None:
+    """Write every byte of ``data`` to the unbuffered file ``f`` (raw writes may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view):]
 
 
 def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
