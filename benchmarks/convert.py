@@ -98,23 +98,34 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(work: Path, layers: int, experts: int, with_mergekit: bool) -> dict:
+def run_size(work: Path, layers: int, experts: int, with_mergekit: bool, repeats: int) -> dict:
+    """ckptforge and dd alternately ``repeats`` times (this disk's rate drifts by 2–3× over minutes,
+    so each ratio pairs neighbouring runs); the medians are reported."""
     dense = work / f"dense-{layers}L"
     dense_bytes = build_dense(dense, layers)
     out = work / f"moe-{layers}L"
-    shutil.rmtree(out, ignore_errors=True)
-    ours = timed([sys.executable, "-m", "ckptforge", "upcycle", str(dense), "--experts", str(experts),
-                  "--layers", "all", "--out", str(out), "--force", "-q"])
-    out_bytes = dir_bytes(out)
-    shutil.rmtree(out)
-    block = 16 << 20
-    dd = timed(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", f"bs={block}",
-                f"count={out_bytes // block + 1}", "conv=fdatasync", "status=none"])
-    (work / "dd.bin").unlink()
+    ours_runs, dd_runs = [], []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        ours_runs.append(timed([sys.executable, "-m", "ckptforge", "upcycle", str(dense), "--experts",
+                                str(experts), "--layers", "all", "--out", str(out), "--force", "-q"]))
+        out_bytes = dir_bytes(out)
+        shutil.rmtree(out)
+        block = 16 << 20
+        dd_runs.append(timed(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", f"bs={block}",
+                              f"count={out_bytes // block + 1}", "conv=fdatasync", "status=none"]))
+        (work / "dd.bin").unlink()
+    ours, dd = _median(ours_runs), _median(dd_runs)
+    ours["runs"], dd["runs"] = [r["seconds"] for r in ours_runs], [r["seconds"] for r in dd_runs]
     row = {"layers": layers, "dense_bytes": dense_bytes, "out_bytes": out_bytes, "ckptforge": ours, "dd": dd}
     if with_mergekit and shutil.which("mergekit-moe"):
         row["mergekit"] = run_mergekit(work, dense, experts)
     return row
+
+
+def _median(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {"seconds": ordered[len(ordered) // 2]["seconds"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
 
 
 def run_mergekit(work: Path, dense: Path, experts: int) -> dict:
@@ -156,12 +167,13 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=Path(".bench"))
     parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="ckptforge / dd pairs per size (medians).")
     parser.add_argument("--keep-dense", action="store_true", help="Keep the synthetic dense checkpoints.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for layers in args.layers:
-        rows.append(run_size(args.workdir, layers, args.experts, not args.no_mergekit))
+        rows.append(run_size(args.workdir, layers, args.experts, not args.no_mergekit, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
         if not args.keep_dense:
             shutil.rmtree(args.workdir / f"dense-{layers}L")
