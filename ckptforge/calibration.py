@@ -8,7 +8,7 @@ are accumulated streaming per batch (:class:`LayerStats`), on CUDA when present.
     >>> stats = LayerStats(4, 2, threshold="zero", needs={"scores", "coactivation"})
     >>> stats.update(torch.tensor([[1.0, 0.0, 2.0, -1.0]]))
     >>> stats.count.tolist(), stats.coactivation[0].tolist()
-    ([1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])
+    ([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 0])
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def coactivation_counts(fired: torch.Tensor) -> torch.Tensor:
 
         >>> coactivation_counts(torch.tensor([[True, True], [True, False]])).tolist()
         [[2.0, 1.0], [1.0, 1.0]]
+
+    The int8 path returns int32 counts, the float path float32; both are exact integers.
     """
     t, n = fired.shape
     if fired.device.type == "cpu" and hasattr(torch, "_int_mm") and n % 8 == 0 and n > 16:
@@ -46,7 +48,7 @@ def coactivation_counts(fired: torch.Tensor) -> torch.Tensor:
         if t % 8 or t <= 16:
             a = torch.cat([a, a.new_zeros(max(24 - t, -t % 8), n)])
         try:
-            return torch._int_mm(a.T.contiguous(), a).float()
+            return torch._int_mm(a.T.contiguous(), a)
         except RuntimeError:
             pass
     f = fired.float()
@@ -57,7 +59,7 @@ class LayerStats:
     """Streaming statistics of one FFN's d_ff hidden units over calibration tokens.
 
     ``l1`` Σ|a|, ``l2`` √Σa², ``count`` #(a > τ) per unit; ``coactivation`` Σ AᵀA with A = (a > τ),
-    diagonal zero (float32 counts: exact below 2²⁴ tokens); ``input_sums`` Σ|a|·x (d_ff × d) and
+    diagonal zero (int32 counts on CPU; float32, exact below 2²⁴ tokens, on CUDA); ``input_sums`` Σ|a|·x (d_ff × d) and
     ``input_total`` Σx for the centroid router. τ is 0, or the 90th percentile of each batch (p90).
     """
 
@@ -68,7 +70,9 @@ class LayerStats:
         self.l1 = torch.zeros(n, dtype=torch.float64, device=device)
         self.sq = torch.zeros(n, dtype=torch.float64, device=device)
         self.count = torch.zeros(n, dtype=torch.float64, device=device)
-        self.coactivation = torch.zeros(n, n, device=device) if "coactivation" in needs else None
+        # int32 on CPU, where the counts come from an int8 GEMM (no float copy of a d_ff² matrix)
+        count_dtype = torch.int32 if torch.device(device).type == "cpu" else torch.float32
+        self.coactivation = torch.zeros(n, n, dtype=count_dtype, device=device) if "coactivation" in needs else None
         self.input_sums = torch.zeros(n, d, dtype=torch.float64, device=device) if "centroids" in needs else None
         self.input_total = torch.zeros(d, dtype=torch.float64, device=device) if "centroids" in needs else None
 
@@ -90,7 +94,7 @@ class LayerStats:
         fired = a > tau
         self.count += fired.sum(0).double()
         if self.coactivation is not None:
-            self.coactivation += coactivation_counts(fired)
+            self.coactivation += coactivation_counts(fired).to(self.coactivation.dtype)
             self.coactivation.fill_diagonal_(0)
         if self.input_sums is not None and inputs is not None:
             x = inputs.float()
