@@ -66,7 +66,8 @@ def test_vit_moe_learns_and_writes_the_report(tiny, tmp_path):
     assert not any("aux_loss" in s for s in runs["dense"].train)
 
     written = json.loads((moe / "finetune" / "finetune.json").read_text())
-    assert {"options", "settings", "data", "device", "runs", "recovery", "wall_seconds"} <= set(written)
+    report_keys = {"options", "settings", "data", "device", "runs", "recovery", "wall_seconds"}
+    assert report_keys <= set(written)
     assert written["data"]["classes"] == ["class0", "class1"]
     assert written["device"]["device"] == "cpu" and written["device"]["num_processes"] == 1
     for r in written["runs"]:
