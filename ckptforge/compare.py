@@ -27,7 +27,7 @@ from ckptforge.config import UpcycleOptions, parse_layers
 from ckptforge.errors import CalibrationError, UsageError
 from ckptforge.execute import upcycle
 from ckptforge.families import detect_family
-from ckptforge.io.source import DenseCheckpoint, open_checkpoint
+from ckptforge.io.source import open_checkpoint
 from ckptforge.loading import load_model
 from ckptforge.strategies import STRATEGIES
 

@@ -68,6 +68,22 @@ def tiny(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """A tiny dense ViT shared by the tests of one module."""
+    return build_tiny("vit", tmp_path_factory.mktemp("dense") / "vit")
+
+
+@pytest.fixture(scope="module")
+def converted(dense, tmp_path_factory) -> Path:
+    """``dense`` upcycled to 4 copy-all experts (every other layer)."""
+    import ckptforge
+
+    out = tmp_path_factory.mktemp("moe") / "vit-moe"
+    ckptforge.upcycle(dense, out, ckptforge.UpcycleOptions(num_experts=4))
+    return out
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for CLI subprocesses: this checkout's package first on the path, offline Hub."""
     env = dict(os.environ)

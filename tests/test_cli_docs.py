@@ -17,7 +17,7 @@ from ckptforge.cli import app, main
 from ckptforge.cli.docs import _commands, render_cli_docs
 from ckptforge.cli.schemas import ERROR, SCHEMAS
 from calib_helpers import image_folder
-from conftest import REPO, build_tiny
+from conftest import REPO
 from test_finetune import make_image_folder
 from hub_loopback import LoopbackHub
 
@@ -55,18 +55,6 @@ def test_every_command_documents_a_json_schema():
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"ckptforge {ckptforge.__version__}"
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    return build_tiny("vit", tmp_path_factory.mktemp("dense") / "vit")
-
-
-@pytest.fixture(scope="module")
-def converted(dense, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("moe") / "vit-moe"
-    ckptforge.upcycle(dense, out, ckptforge.UpcycleOptions(num_experts=4))
-    return out
 
 
 def _push_args(converted, tmp_path, monkeypatch):

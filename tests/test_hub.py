@@ -17,10 +17,9 @@ import huggingface_hub
 import pytest
 import yaml
 
-import ckptforge
 from ckptforge.cli import main
 from ckptforge.io.source import sha256_file
-from conftest import build_tiny, cli_env, run_cli
+from conftest import cli_env, run_cli
 from hub_loopback import LoopbackHub
 
 TOKEN = "hf_loopbackSECRETtoken0123456789"
@@ -48,18 +47,6 @@ def cli(capsys):
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
     return run
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    return build_tiny("vit", tmp_path_factory.mktemp("dense") / "vit")
-
-
-@pytest.fixture(scope="module")
-def converted(dense, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("moe") / "vit-moe"
-    ckptforge.upcycle(dense, out, ckptforge.UpcycleOptions(num_experts=4))
-    return out
 
 
 def copy_of(converted: Path, tmp_path: Path) -> Path:
