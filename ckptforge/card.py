@@ -14,6 +14,7 @@ _PIPELINES = {
     "ViTMoEModel": "image-feature-extraction",
     "BertMoEForSequenceClassification": "text-classification",
     "BertMoEModel": "feature-extraction",
+    "BertMoEForMaskedLM": "fill-mask",
     "MixtralForCausalLM": "text-generation",
     "Qwen2MoeForCausalLM": "text-generation",
 }

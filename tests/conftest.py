@@ -27,6 +27,9 @@ TINY = {
     "bert": (transformers.BertConfig, transformers.BertForSequenceClassification, dict(
         vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=64, num_labels=3)),
+    "bert-mlm": (transformers.BertConfig, transformers.BertForMaskedLM, dict(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64)),
     "bert-base-model": (transformers.BertConfig, transformers.BertModel, dict(
         vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=64)),

@@ -1,4 +1,5 @@
-"""BERT (BertModel, BertForSequenceClassification; other heads keep the encoder) → ``bert_moe``."""
+"""BERT (BertModel, BertForSequenceClassification, BertForMaskedLM / BertForPreTraining; other heads
+keep the encoder) → ``bert_moe``."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ class BertFamily(EncoderFamily):
     config_class = "BertMoEConfig"
     architectures = {
         "BertForSequenceClassification": ("BertMoEForSequenceClassification", "bert."),
+        "BertForMaskedLM": ("BertMoEForMaskedLM", "bert."),
+        "BertForPreTraining": ("BertMoEForMaskedLM", "bert."),  # the NSP head is not carried
         "BertModel": ("BertMoEModel", ""),
     }
     fallback = ("BertMoEModel", "")
     auto_classes = {
         "AutoModel": "BertMoEModel",
         "AutoModelForSequenceClassification": "BertMoEForSequenceClassification",
+        "AutoModelForMaskedLM": "BertMoEForMaskedLM",
     }
 
     def check(self, config: dict[str, Any]) -> list[str]:

@@ -10,15 +10,17 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
 
-from .bert_moe import BertMoEConfig, BertMoEForSequenceClassification, BertMoEModel
+from .bert_moe import BertMoEConfig, BertMoEForMaskedLM, BertMoEForSequenceClassification, BertMoEModel
 from .vit_moe import ViTMoEConfig, ViTMoEForImageClassification, ViTMoEModel
 
 _REGISTRY = [
     (ViTMoEConfig, {AutoModel: ViTMoEModel, AutoModelForImageClassification: ViTMoEForImageClassification}),
-    (BertMoEConfig, {AutoModel: BertMoEModel, AutoModelForSequenceClassification: BertMoEForSequenceClassification}),
+    (BertMoEConfig, {AutoModel: BertMoEModel, AutoModelForSequenceClassification: BertMoEForSequenceClassification,
+                     AutoModelForMaskedLM: BertMoEForMaskedLM}),
 ]
 
 
@@ -33,6 +35,6 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
-    "BertMoEConfig", "BertMoEForSequenceClassification", "BertMoEModel",
+    "BertMoEConfig", "BertMoEForMaskedLM", "BertMoEForSequenceClassification", "BertMoEModel",
     "ViTMoEConfig", "ViTMoEForImageClassification", "ViTMoEModel", "register_auto_classes",
 ]

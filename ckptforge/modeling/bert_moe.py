@@ -187,3 +187,43 @@ class BertMoEForSequenceClassification(BertMoEPreTrainedModel):
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = classification_loss(self.config, logits, labels)
         return MoEClassifierOutput(loss, logits, out.hidden_states, out.aux_loss)
+
+
+class BertMoEForMaskedLM(BertMoEPreTrainedModel):
+    """BERT-MoE with BERT's masked-LM head; the decoder is tied to the word embeddings."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: BertMoEConfig):
+        super().__init__(config)
+        self.bert = BertMoEModel(config, add_pooling_layer=False)
+        self.cls = nn.Module()
+        self.cls.predictions = head = nn.Module()
+        head.transform = _dense_norm(config, config.hidden_size)
+        head.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        head.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.transform_act = ACT2FN[config.hidden_act]
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None, **kwargs,
+    ) -> MoEClassifierOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
+        head = self.cls.predictions
+        h = head.transform.LayerNorm(self.transform_act(head.transform.dense(out.last_hidden_state)))
+        logits = head.decoder(h)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.view(-1, self.config.vocab_size), labels.view(-1).to(logits.device))
+        return MoEClassifierOutput(loss, logits, out.hidden_states, out.aux_loss)
