@@ -69,7 +69,8 @@ def write_shard(path: Path, specs: list[TensorSpec], chunks: Iterable[Iterator[t
     to that tensor (one piece, or e.g. one expert after another). Returns the file's sha256.
 
     The file write runs in a second thread while this one hashes the same bytes (both release
-    the GIL), with at most two pieces in flight, so hashing costs no wall time on two cores.
+    the GIL), with at most two pieces in flight. The file is not fsynced here: :class:`AtomicOutput`
+    syncs every file once all are written, so the kernel flushes a shard while the next is written.
     """
     digest = hashlib.sha256()
     with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(max_workers=1) as pool:
@@ -94,7 +95,6 @@ def write_shard(path: Path, specs: list[TensorSpec], chunks: Iterable[Iterator[t
                 raise RuntimeError(f"tensor {spec.name}: wrote {written} bytes, planned {spec.nbytes}")
         while in_flight:
             in_flight.popleft().result()
-        os.fsync(f.fileno())
     return digest.hexdigest()
 
 
@@ -139,6 +139,8 @@ class AtomicOutput:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        for path in sorted(self.tmp.iterdir()):
+            _fsync_path(path)
         _fsync_dir(self.tmp)
         old = None
         if self.out.exists():
@@ -169,11 +171,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    if sys.platform.startswith("win"):
-        return
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if not sys.platform.startswith("win"):  # directories cannot be opened for fsync there
+        _fsync_path(path)
