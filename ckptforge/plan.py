@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -302,7 +301,3 @@ def _free_bytes(out: Path) -> int:
     while not probe.exists():
         probe = probe.parent
     return shutil.disk_usage(probe).free
-
-
-def plan_summary_json(plan: Plan) -> str:
-    return json.dumps(plan.to_dict(), indent=2)
