@@ -112,10 +112,12 @@ print(type(model).__name__, tuple(model({inputs}).logits.shape))
 
 
 @pytest.mark.parametrize("kind", ["vit", "llama"])
-def test_same_inputs_and_seed_give_byte_identical_files(tiny, tmp_path, kind):
+def test_same_inputs_and_seed_give_byte_identical_files(tiny, tmp_path, monkeypatch, kind):
     dense = tiny(kind)
     opts = UpcycleOptions(num_experts=4, strategy_params={"noise_std": 0.01, "drop_ratio": 0.5}, seed=7)
+    monkeypatch.setenv("CKPTFORGE_DIRECT_IO", "0")  # through the page cache
     upcycle(dense, tmp_path / "a", opts)
+    monkeypatch.setenv("CKPTFORGE_DIRECT_IO", "1")  # O_DIRECT (where the platform has it): same bytes
     upcycle(dense, tmp_path / "b", opts)
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     upcycle(dense, tmp_path / "c", UpcycleOptions(**{**opts.to_dict(), "seed": 8}))

@@ -34,6 +34,10 @@ Every command takes `--json` and then prints exactly one JSON object on stdout (
 messages go to stderr). On failure that object is `{"error": ..., "exit_code": ...}`; the error is
 also printed to stderr as one line that names the problem and the fix. `CKPTFORGE_DEBUG=1` shows
 the traceback. `ckptforge --version` prints the version.
+
+Shards of 64 MiB and more are written with `O_DIRECT` where the platform and file system allow it
+(the bytes do not pass through the page cache; a file system that refuses gets buffered writes).
+`CKPTFORGE_DIRECT_IO=0` always writes through the page cache, `=1` uses `O_DIRECT` for every shard.
 """
 
 
