@@ -8,8 +8,10 @@ is read once, experts are materialised one at a time and written straight to the
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -201,6 +203,8 @@ class _LayerMaker:
 
     def _load(self, layer: int, num_experts: int | None = None) -> tuple[DenseFFN, LayerSelection]:
         if self._layer != layer:
+            self._ffn = self._selection = None
+            _trim_heap()
             names = self.family.ffn_names(self.plan.source_prefix, layer)
             weights = {role: self.ckpt.read(self.canonical[n]) for role, n in names.items() if n in self.canonical}
             self._ffn = DenseFFN(weights)
@@ -217,6 +221,30 @@ class _LayerMaker:
             self._layer = layer
             self.selections[layer] = self._selection
         return self._ffn, self._selection
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks of tens of MB in its heaps once its mmap threshold has grown, and the
+    reading, hashing and staging threads fragment them: without this, peak RSS of a conversion grew
+    with the number of layers (1012 MiB at 22, 1342 MiB at 33 TinyLlama-shape layers); trimmed
+    once per MoE layer it stays flat.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent with musl
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator,
