@@ -3,8 +3,9 @@
 Builds a synthetic dense LLaMA checkpoint of TinyLlama-1.1B shape (hidden 2048, intermediate 5632,
 32 heads, 4 kv heads, vocab 32000, bf16; each tensor filled with its own constant, so building it
 is cheap), converts it to 8 copy-all experts on every layer, and in the same run writes the same
-number of bytes with `dd … conv=fdatasync` as the physical reference. When `mergekit-moe` is on
-PATH it converts the same input (8 × the same model, gate_mode random). Every command runs in its
+number of bytes with `dd … conv=fdatasync` as the physical reference, and once more with
+`oflag=direct` (the disk without the page cache, which is how ckptforge writes large shards).
+When `mergekit-moe` is on PATH it converts the same input (8 × the same model, gate_mode random). Every command runs in its
 own process; wall time includes the final flush to disk (ckptforge fsyncs every file; mergekit is
 followed by a timed `sync`), peak RSS comes from GNU time.
 
@@ -104,7 +105,7 @@ def run_size(work: Path, layers: int, experts: int, with_mergekit: bool, repeats
     dense = work / f"dense-{layers}L"
     dense_bytes = build_dense(dense, layers)
     out = work / f"moe-{layers}L"
-    ours_runs, dd_runs = [], []
+    ours_runs, dd_runs, direct_runs = [], [], []
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
         ours_runs.append(timed([sys.executable, "-m", "ckptforge", "upcycle", str(dense), "--experts",
@@ -112,12 +113,15 @@ def run_size(work: Path, layers: int, experts: int, with_mergekit: bool, repeats
         out_bytes = dir_bytes(out)
         shutil.rmtree(out)
         block = 16 << 20
-        dd_runs.append(timed(["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", f"bs={block}",
-                              f"count={out_bytes // block + 1}", "conv=fdatasync", "status=none"]))
+        dd = ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", f"bs={block}", f"count={out_bytes // block + 1}",
+              "conv=fdatasync", "status=none"]
+        dd_runs.append(timed(dd))
         (work / "dd.bin").unlink()
-    ours, dd = _median(ours_runs), _median(dd_runs)
-    ours["runs"], dd["runs"] = [r["seconds"] for r in ours_runs], [r["seconds"] for r in dd_runs]
-    row = {"layers": layers, "dense_bytes": dense_bytes, "out_bytes": out_bytes, "ckptforge": ours, "dd": dd}
+        direct_runs.append(timed([*dd, "oflag=direct"]))  # the disk without the page cache
+        (work / "dd.bin").unlink()
+    row = {"layers": layers, "dense_bytes": dense_bytes, "out_bytes": out_bytes}
+    for key, runs in (("ckptforge", ours_runs), ("dd", dd_runs), ("dd_direct", direct_runs)):
+        row[key] = _median(runs) | {"runs": [r["seconds"] for r in runs]}
     if with_mergekit and shutil.which("mergekit-moe"):
         row["mergekit"] = run_mergekit(work, dense, experts)
     return row
@@ -144,10 +148,11 @@ def run_mergekit(work: Path, dense: Path, experts: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| layers | dense GB | out GB | ckptforge s | MB/s | peak RSS MiB | dd s | vs dd | mergekit s (+sync) | mergekit RSS MiB | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layers | dense GB | out GB | ckptforge s | MB/s | peak RSS MiB | dd s | vs dd | dd direct s | vs dd direct "
+             "| mergekit s (+sync) | mergekit RSS MiB | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ours, dd = r["ckptforge"], r["dd"]
+        ours, dd, direct = r["ckptforge"], r["dd"], r["dd_direct"]
         rate = r["out_bytes"] / ours["seconds"] / 1e6
         dd_rate = r["out_bytes"] / dd["seconds"] / 1e6
         mk = r.get("mergekit")
@@ -156,7 +161,8 @@ def markdown(rows: list[dict]) -> str:
         speed = f"{(mk['seconds'] + mk['sync_seconds']) / ours['seconds']:.2f}×" if mk else "—"
         lines.append(
             f"| {r['layers']} | {r['dense_bytes'] / 1e9:.2f} | {r['out_bytes'] / 1e9:.2f} | {ours['seconds']:.1f} | "
-            f"{rate:.0f} | {ours['peak_rss_mib']:.0f} | {dd['seconds']:.1f} | {rate / dd_rate:.2f}× | {mk_s} | {mk_rss} | {speed} |"
+            f"{rate:.0f} | {ours['peak_rss_mib']:.0f} | {dd['seconds']:.1f} | {rate / dd_rate:.2f}× | "
+            f"{direct['seconds']:.1f} | {direct['seconds'] / ours['seconds']:.2f}× | {mk_s} | {mk_rss} | {speed} |"
         )
     return "\n".join(lines)
 
