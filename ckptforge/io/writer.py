@@ -79,9 +79,9 @@ def write_shard(path: Path, specs: list[TensorSpec], chunks: Iterable[Iterator[t
     header = shard_header(specs)
     if direct is None:
         direct = use_direct_io(len(header) + sum(s.nbytes for s in specs))
-    sink: _Sink = _DirectSink(path) if direct else _BufferedSink(path)
+    sink = _DirectSink(path) if direct else _BufferedSink(path)
     try:
-        sink.put(_as_bytes(torch.frombuffer(bytearray(header), dtype=torch.uint8)))
+        sink.put(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         for spec, pieces in zip(specs, chunks, strict=True):
             written = 0
             for piece in pieces:
@@ -123,23 +123,11 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-class _Sink:
-    """Sequential byte sink of one file that also computes its sha256."""
-
-    def put(self, data: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def finish(self) -> str:
-        """Wait for every write; return the sha256 of all bytes put."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class _BufferedSink(_Sink):
-    """Unbuffered ``write`` calls into the page cache, at most two pieces in flight; the pieces
-    are hashed here while a second thread writes them (both release the GIL)."""
+class _BufferedSink:
+    """Sequential writer of one file through the page cache that also computes its sha256
+    (``put`` bytes, ``finish`` → hex digest, ``close``). Unbuffered ``write`` calls, at most two
+    pieces in flight; the pieces are hashed here while a second thread writes them (both release
+    the GIL)."""
 
     def __init__(self, path: Path):
         self.file = open(path, "wb", buffering=0)
@@ -164,8 +152,8 @@ class _BufferedSink(_Sink):
         self.file.close()
 
 
-class _DirectSink(_Sink):
-    """``O_DIRECT`` writes from a ring of page-aligned staging buffers.
+class _DirectSink:
+    """Like :class:`_BufferedSink`, with ``O_DIRECT`` writes from a ring of page-aligned staging buffers.
 
     The caller's thread copies bytes into the next free buffer; a full buffer goes to a hashing
     thread and a writing thread at once, and is reused when both are done. The last buffer is
@@ -178,10 +166,7 @@ class _DirectSink(_Sink):
     BUFFER_BYTES = 16 << 20
     BUFFERS = 4
 
-    def __init__(self, path: Path, buffer_bytes: int | None = None):
-        size = buffer_bytes or self.BUFFER_BYTES
-        if size % self.ALIGN:
-            raise ValueError(f"staging buffer of {size} bytes is not a multiple of {self.ALIGN}")
+    def __init__(self, path: Path):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
@@ -189,8 +174,8 @@ class _DirectSink(_Sink):
             if e.errno != errno.EINVAL:
                 raise
             self.fd = os.open(path, flags, 0o644)  # e.g. tmpfs has no O_DIRECT
-        self.size = size
-        self.buffers = [_aligned_buffer(size, self.ALIGN) for _ in range(self.BUFFERS)]
+        self.size = self.BUFFER_BYTES  # a multiple of ALIGN
+        self.buffers = [_aligned_buffer(self.size, self.ALIGN) for _ in range(self.BUFFERS)]
         self.busy: list[tuple[Future, Future] | None] = [None] * self.BUFFERS
         self.hasher = ThreadPoolExecutor(max_workers=1)
         self.writer = ThreadPoolExecutor(max_workers=1)
