@@ -117,3 +117,21 @@ def test_bad_router_options_exit_2(tiny, tmp_path, args, message, capsys):
     assert main(["upcycle", str(tiny("vit")), "--out", str(tmp_path / "o"), *args]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("router", [
+    {"type": "topk", "capacity_factor": 1.0}, {"type": "expert-choice"}, {"type": "soft", "slots": 2},
+    {"type": "sphero"}, {"type": "mh", "heads": 2, "capacity_factor": 1.0},
+], ids=lambda r: r["type"])
+def test_padding_changes_no_real_token_of_a_bert_moe(router):
+    """Routers that look across tokens (capacity, expert choice, soft slots) ignore padded positions."""
+    torch.manual_seed(0)
+    model, inputs = _model("bert", router)
+    model.eval()
+    ids = inputs["input_ids"]
+    padded = torch.cat([ids, torch.randint(0, 50, (2, 5))], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        plain = model.bert(ids).last_hidden_state
+        with_padding = model.bert(padded, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(with_padding[:, : ids.shape[1]], plain, atol=1e-5, rtol=1e-5)

@@ -97,15 +97,16 @@ class BertMoELayer(nn.Module):
             self.act = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         if hasattr(self, "moe"):
-            return self.moe(x)
+            return self.moe(x, token_mask)
         return self.output.dense(self.act(self.intermediate.dense(x)))
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
         a = self.dropout(self.attention.output.dense(self.attention.self(x, additive_mask)))
         h = self.attention.output.LayerNorm(a + x)
-        return self.output.LayerNorm(self.dropout(self.feed_forward(h)) + h)
+        return self.output.LayerNorm(self.dropout(self.feed_forward(h, token_mask)) + h)
 
 
 class BertMoEPreTrainedModel(PreTrainedModel):
@@ -159,7 +160,7 @@ class BertMoEModel(BertMoEPreTrainedModel):
             additive = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         hidden = [x]
         for layer in self.encoder.layer:
-            x = layer(x, additive)
+            x = layer(x, additive, attention_mask)  # padding is not routed in MoE layers
             hidden.append(x)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         keep = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states

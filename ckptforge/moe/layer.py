@@ -16,6 +16,7 @@ from .experts import StackedExperts
 from .multihead import MultiHeadMoEFeedForward
 from .routers import ExpertChoiceRouter, TopKRouter
 from .soft import SoftMoEFeedForward
+from .tokens import real_tokens, scatter_tokens
 
 #: Router settings that are not constructor arguments of the router itself.
 _TOPK_KEYS = ("normalize", "noise_std", "capacity_factor", "bpr")
@@ -51,16 +52,22 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_routing = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_mask`` (same leading shape, True for real tokens): padding is not routed, takes
+        no capacity and no expert's choice, and gets a zero output."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        keep = real_tokens(token_mask)
+        if keep is not None:
+            x = x[keep]
         routing = self.router(x)
         self.last_routing = routing
         self.aux_loss = routing.aux_loss * self.aux_loss_weight
         out = self.experts(x, routing.expert_index, routing.weights)
         if self.output_scale != 1.0:
             out = out * self.output_scale
-        return out.reshape(shape)
+        return scatter_tokens(out, keep).reshape(shape)
+
 
 
 def _token_choice(d: int, s: int, e: int, k: int, act: str, router: dict, scale: float) -> nn.Module:

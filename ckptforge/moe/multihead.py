@@ -12,6 +12,7 @@ from torch import nn
 
 from .experts import StackedExperts
 from .routers import TopKRouter
+from .tokens import real_tokens, scatter_tokens
 
 
 class MultiHeadMoEFeedForward(nn.Module):
@@ -37,14 +38,19 @@ class MultiHeadMoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.last_routing = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_mask`` (True for real tokens): the sub-tokens of padding are not routed."""
         shape = hidden_states.shape
         x = self.head_proj(hidden_states.reshape(-1, shape[-1]))
         sub_tokens = x.reshape(-1, shape[-1] // self.heads)
+        keep = real_tokens(token_mask, self.heads)
+        if keep is not None:
+            sub_tokens = sub_tokens[keep]
         routing = self.router(sub_tokens)
         self.last_routing = routing
         self.aux_loss = routing.aux_loss
-        y = self.experts(sub_tokens, routing.expert_index, routing.weights).reshape(-1, shape[-1])
+        y = self.experts(sub_tokens, routing.expert_index, routing.weights)
+        y = scatter_tokens(y, keep).reshape(-1, shape[-1])
         out = self.merge_proj(y)
         if self.output_scale != 1.0:
             out = out * self.output_scale

@@ -60,9 +60,14 @@ class SlotRouter(nn.Module):
         queries = nn.functional.normalize(self.norm(self.slots.float()), dim=-1)
         return keys @ queries.T
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``token_mask`` (B, T), True for real tokens: slots mix real tokens only."""
         cos = self.cosine(x)
-        dispatch = torch.softmax(cos / self.dispatch_temperature.clamp(min=1e-4), dim=1)
+        dispatch_logits = cos / self.dispatch_temperature.clamp(min=1e-4)
+        if token_mask is not None:
+            pad = ~token_mask.bool()[..., None]
+            dispatch_logits = dispatch_logits.masked_fill(pad, torch.finfo(dispatch_logits.dtype).min)
+        dispatch = torch.softmax(dispatch_logits, dim=1)
         combine_logits = cos / self.combine_temperature.clamp(min=1e-4)
         combine = entmax15(combine_logits) if self.combine == "entmax15" else torch.softmax(combine_logits, dim=-1)
         return dispatch, combine
@@ -102,9 +107,11 @@ class SoftMoEFeedForward(nn.Module):
             y = y * keep / (1 - self.expert_dropout)
         return y.reshape(e, b, s, d).transpose(0, 1).reshape(b, n, d)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_mask`` (B, T), True for real tokens: padding does not enter the slots."""
         x = hidden_states if hidden_states.dim() == 3 else hidden_states[None]
-        dispatch, combine = self.router(x)
+        mask = None if token_mask is None else token_mask.reshape(x.shape[:2])
+        dispatch, combine = self.router(x, mask)
         self.last_combine = combine.detach()
         slot_inputs = torch.einsum("btn,btd->bnd", dispatch.to(x.dtype), x)
         n_core = self.experts.num_experts * self.slots_per_expert
