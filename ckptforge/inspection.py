@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
 from ckptforge.errors import UnsupportedArchitectureError
 from ckptforge.families import detect_family
 from ckptforge.io.source import open_checkpoint
+from ckptforge.moe import active_expert_params
 
 #: MoE model types ckptforge writes → the dense family they come from.
 MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama"}
@@ -32,10 +34,13 @@ def inspect_source(ref: str) -> dict[str, Any]:
         except UnsupportedArchitectureError:
             family = None
     total = sum(t.numel for t in ckpt.tensors.values())
-    expert_params = sum(t.numel for n, t in ckpt.tensors.items() if ".experts." in n)
+    # routed experts: ".experts." (also Mixtral / Qwen2-MoE per-expert names), sphero's ".universal_experts."
+    expert_params = sum(t.numel for n, t in ckpt.tensors.items() if re.search(r"\.(\w+_)?experts\.", n))
     num_experts = cfg.get("num_experts", cfg.get("num_local_experts")) if is_moe else None
     top_k = cfg.get("num_experts_per_tok") if is_moe else None
-    active = total - expert_params + (expert_params * top_k // num_experts if num_experts else 0)
+    active = total - expert_params
+    if num_experts:
+        active += active_expert_params(cfg.get("moe_router"), expert_params, num_experts, top_k or 1)
     layers = int(cfg.get("num_hidden_layers", 0))
     if not is_moe:
         moe_layers: list[int] = []

@@ -23,7 +23,7 @@ from ckptforge.errors import DiskSpaceError, PlanError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
 from ckptforge.io.source import DenseCheckpoint
-from ckptforge.moe import moe_tensor_layout
+from ckptforge.moe import active_expert_params, moe_tensor_layout
 from ckptforge.strategies import STRATEGIES
 
 _LAYER_OF = re.compile(r"layers?\.(\d+)\.")
@@ -81,10 +81,12 @@ class Plan:
 
     @property
     def params_active(self) -> int:
-        """Parameters one token uses: all but the (E−k)/E unused share of each MoE layer's experts."""
-        e, k = self.options.num_experts, self.options.top_k
+        """Parameters one token uses: the dense parts, plus the share of the experts its router
+        type gives it (k/E for top-k; see :data:`ckptforge.moe.layer.ACTIVE_EXPERT_SHARE`)."""
+        o = self.options
         expert = sum(t.numel for t in self.tensors if t.op == "expert")
-        return self.params_total - expert + expert * k // e
+        return self.params_total - expert + active_expert_params(self.output_config.get("moe_router"), expert,
+                                                                 o.num_experts, o.top_k)
 
     @property
     def bytes_to_write(self) -> int:

@@ -135,3 +135,20 @@ def test_padding_changes_no_real_token_of_a_bert_moe(router):
         plain = model.bert(ids).last_hidden_state
         with_padding = model.bert(padded, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(with_padding[:, : ids.shape[1]], plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router, share", [
+    ({"type": "topk"}, 2 / 4), ({"type": "expert-choice"}, 2.0 / 4), ({"type": "mh", "heads": 2}, 1.0),
+    ({"type": "soft"}, 1.0), ({"type": "sphero"}, 1.0),
+], ids=lambda v: v["type"] if isinstance(v, dict) else None)
+def test_active_parameters_follow_the_router_type(dense, tmp_path, router, share):
+    """Top-k uses k of E experts per token, expert choice C of E on average, MH-MoE up to h·k of E,
+    soft / sphero every expert; the plan and ``inspect`` of the output agree."""
+    from ckptforge import inspect_source, upcycle
+    from ckptforge.config import UpcycleOptions
+
+    plan = upcycle(dense, tmp_path / "moe", UpcycleOptions(num_experts=4, top_k=2, router=router)).plan
+    expert = sum(t.numel for t in plan.tensors if t.op == "expert")
+    assert expert > 0
+    assert plan.params_active == plan.params_total - expert + round(expert * share)
+    assert inspect_source(str(tmp_path / "moe"))["params_active"] == plan.params_active

@@ -6,12 +6,12 @@ remote code.
 """
 
 from .experts import StackedExperts
-from .layer import ROUTER_TYPES, MoEFeedForward, build_moe_layer, moe_tensor_layout
+from .layer import ROUTER_TYPES, MoEFeedForward, active_expert_params, build_moe_layer, moe_tensor_layout
 from .multihead import MultiHeadMoEFeedForward
 from .routers import ExpertChoiceRouter, Routing, TopKRouter
 from .soft import SlotRouter, SoftMoEFeedForward, entmax15
 
 __all__ = [
     "ROUTER_TYPES", "ExpertChoiceRouter", "MoEFeedForward", "MultiHeadMoEFeedForward", "Routing", "SlotRouter",
-    "SoftMoEFeedForward", "StackedExperts", "TopKRouter", "build_moe_layer", "entmax15", "moe_tensor_layout",
+    "SoftMoEFeedForward", "StackedExperts", "TopKRouter", "active_expert_params", "build_moe_layer", "entmax15", "moe_tensor_layout",
 ]

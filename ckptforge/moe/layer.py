@@ -103,6 +103,30 @@ ROUTER_TYPES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: Router type → share of a block's expert parameters that one token's output depends on, from
+#: (router settings, experts E, top_k k): k of E experts (top-k); on average C of E (expert choice,
+#: capacity factor C); up to h·k of E (MH-MoE: h sub-tokens, k experts each); all (soft / sphero:
+#: every slot's expert reaches every token through the combine weights).
+ACTIVE_EXPERT_SHARE: dict[str, Callable[[dict, int, int], float]] = {
+    "topk": lambda router, e, k: k / e,
+    "expert-choice": lambda router, e, k: min(1.0, router.get("capacity_factor", 2.0) / e),
+    "mh": lambda router, e, k: min(1.0, router.get("heads", 4) * k / e),
+    "soft": lambda router, e, k: 1.0,
+    "sphero": lambda router, e, k: 1.0,
+}
+
+
+def active_expert_params(router: dict[str, Any] | None, expert_params: int, num_experts: int, top_k: int) -> int:
+    """How many of ``expert_params`` one token uses, by router type (see :data:`ACTIVE_EXPERT_SHARE`).
+
+        >>> active_expert_params({"type": "topk"}, 800, 8, 2), active_expert_params({"type": "soft"}, 800, 8, 2)
+        (200, 800)
+    """
+    router = router or {"type": "topk"}
+    share = ACTIVE_EXPERT_SHARE[router.get("type", "topk")](router, num_experts, top_k)
+    return round(expert_params * share)
+
+
 def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k: int, activation: str,
                     router: dict[str, Any] | None = None, output_scale: float = 1.0) -> nn.Module:
     """The MoE block for ``router['type']`` (default topk).
