@@ -140,6 +140,9 @@ def _final_outputs(model: torch.nn.Module, data: CalibrationSet, n_held: int) ->
         for batch in data.batches(data.num_samples - n_held):
             out = model(**batch)
             final = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+            mask = batch.get("attention_mask")
+            if mask is not None and final.dim() >= 3 and final.shape[1] == mask.shape[1]:
+                final = final * mask[..., None].to(final.dtype)  # padded positions do not count
             outs.append(final.double().reshape(final.shape[0], -1))
     return torch.cat(outs)
 

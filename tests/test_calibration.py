@@ -133,3 +133,21 @@ def test_compare_strategies_json(tiny, tmp_path):
     assert rows["uniform"]["overlap"] == 1.0 and rows["uniform"]["coverage"] == 0.25
     assert all(row["init_gap"] > 1e-3 for name, row in rows.items() if name != "copy-all")
     assert report["heldout_samples"] == 3 and report["calibration"]["samples"] == 9
+
+
+def test_init_gap_leaves_padded_positions_out(tiny):
+    """compare-strategies' outputs are zero where the text batch is padding, for dense and MoE alike."""
+    import transformers
+
+    from ckptforge.calibration_data import CalibrationSet
+    from ckptforge.compare import _final_outputs
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny("llama")).eval()
+    ids = torch.randint(2, 100, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    data = CalibrationSet("t", "text", {"input_ids": ids, "attention_mask": mask}, batch_size=2, fingerprint="x")
+    out = _final_outputs(model, data, n_held=4).reshape(4, 6, -1)
+    assert (out[mask == 0] == 0).all()
+    assert (out[mask == 1].abs().sum(-1) > 0).all()
