@@ -130,6 +130,17 @@ def test_mixtral_learns_a_text_file_and_same_seed_gives_same_curves(tiny, tmp_pa
     assert third.runs[0].train != a.train
 
 
+def test_qwen2_moe_with_dense_layers_learns_a_text_file(tiny, tmp_path):
+    """Partial conversion of a LLaMA model: a stock Qwen2-MoE with mlp_only_layers and a zero shared expert."""
+    moe = make_moe(tiny, tmp_path, "llama", layers="every-2")
+    config = json.loads((moe / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["mlp_only_layers"]
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 60)
+    (run_,) = run(moe, tmp_path / "text.txt", seq_len=16).runs
+    assert run_.eval[-1]["loss"] < run_.eval[0]["loss"]
+    assert all("aux_loss" in s for s in run_.train)  # Qwen2-MoE's router loss through output_router_logits
+
+
 def test_compare_really_trains_the_dense_model(tiny, tmp_path):
     dense_dir = tiny("vit")
     data = load_task_data(str(make_image_folder(tmp_path / "imgs", per_class=6)),
