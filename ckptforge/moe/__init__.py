@@ -13,5 +13,6 @@ from .soft import SlotRouter, SoftMoEFeedForward, entmax15
 
 __all__ = [
     "ROUTER_TYPES", "ExpertChoiceRouter", "MoEFeedForward", "MultiHeadMoEFeedForward", "Routing", "SlotRouter",
-    "SoftMoEFeedForward", "StackedExperts", "TopKRouter", "active_expert_params", "build_moe_layer", "entmax15", "moe_tensor_layout",
+    "SoftMoEFeedForward", "StackedExperts", "TopKRouter", "active_expert_params", "build_moe_layer", "entmax15",
+    "moe_tensor_layout",
 ]

@@ -69,7 +69,6 @@ class MoEFeedForward(nn.Module):
         return scatter_tokens(out, keep).reshape(shape)
 
 
-
 def _token_choice(d: int, s: int, e: int, k: int, act: str, router: dict, scale: float) -> nn.Module:
     return MoEFeedForward(d, s, e, k, act, router, scale)
 
