@@ -5,28 +5,55 @@
     ...                            ckptforge.UpcycleOptions(num_experts=4))      # doctest: +SKIP
     >>> ckptforge.verify_model("out/moe").passed                                  # doctest: +SKIP
     True
+
+Importing ckptforge is cheap: the public names below load their modules (and torch) on first use,
+and ``vit_moe`` / ``bert_moe`` join transformers' Auto classes as soon as transformers is imported.
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from ckptforge.import_hooks import when_imported
 
 try:
     __version__ = version("ckptforge")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from ckptforge import modeling  # noqa: E402  (registers vit_moe / bert_moe with the Auto classes)
-from ckptforge.config import UpcycleOptions  # noqa: E402
-from ckptforge.execute import UpcycleResult, upcycle  # noqa: E402
-from ckptforge.inspection import inspect_source  # noqa: E402
-from ckptforge.io.source import open_checkpoint  # noqa: E402
-from ckptforge.plan import Plan, build_plan  # noqa: E402
-from ckptforge.verify import VerifyReport, verify_model  # noqa: E402
+#: public name → the module that defines it (imported on first access).
+_PUBLIC = {
+    "Plan": "ckptforge.plan", "build_plan": "ckptforge.plan",
+    "UpcycleOptions": "ckptforge.config",
+    "UpcycleResult": "ckptforge.execute", "upcycle": "ckptforge.execute",
+    "VerifyReport": "ckptforge.verify", "verify_model": "ckptforge.verify",
+    "inspect_source": "ckptforge.inspection",
+    "open_checkpoint": "ckptforge.io.source",
+}
+_ALIASES = {"load_source": "open_checkpoint"}
 
-load_source = open_checkpoint
+__all__ = sorted([*_PUBLIC, *_ALIASES, "__version__", "modeling"])
 
-__all__ = [
-    "Plan", "UpcycleOptions", "UpcycleResult", "VerifyReport", "__version__", "build_plan",
-    "inspect_source", "load_source", "modeling", "open_checkpoint", "upcycle", "verify_model",
-]
+
+def __getattr__(name: str) -> Any:
+    if name == "modeling":
+        return importlib.import_module("ckptforge.modeling")
+    target = _ALIASES.get(name, name)
+    if target not in _PUBLIC:
+        raise AttributeError(f"module 'ckptforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[target]), target)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def _register_auto_classes(_transformers: Any) -> None:
+    importlib.import_module("ckptforge.modeling")  # registers vit_moe / bert_moe with the Auto classes
+
+
+when_imported("transformers", _register_auto_classes)

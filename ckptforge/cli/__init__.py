@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from types import ModuleType
 
 import typer
 
 from ckptforge import __version__
 from ckptforge.errors import CkptforgeError
+from ckptforge.import_hooks import when_imported
 
 from . import compare as compare_cmd
 from . import finetune as finetune_cmd  # issue 5: finetune
@@ -53,11 +55,14 @@ def _root(
     """Turn dense checkpoints into Mixture-of-Experts checkpoints, and prove they are right."""
 
 
-def _quiet_libraries() -> None:
-    import transformers
-
+def _quiet_transformers(transformers: ModuleType) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _quiet_libraries() -> None:
+    """Silence transformers once a command imports it (``--help`` never does: it stays fast)."""
+    when_imported("transformers", _quiet_transformers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ckptforge.compare import Comparison, compare_strategies
-
 from .options import CalibBatchOpt, CalibSamplesOpt, JsonOpt, SeedOpt, emit_json, stdout
+
+if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
+    from ckptforge.compare import Comparison
 
 
 def compare(
@@ -26,6 +27,8 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Convert with every strategy and report init gap, expert overlap, coverage and time."""
+    from ckptforge.compare import compare_strategies
+
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
     report = compare_strategies(source, calibration, num_experts=experts, top_k=top_k, layers=layers,
                                 strategies=names, samples=calib_samples, batch_size=calib_batch_size,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Iterator
 
 import typer
 from rich.table import Table
 
-from ckptforge.finetune import FinetuneOptions, FinetuneReport
-from ckptforge.finetune import finetune as run_finetune
-
 from .options import ForceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, show_progress, stderr, stdout
+
+if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
+    from ckptforge.finetune import FinetuneReport
 
 
 def finetune(
@@ -37,6 +37,9 @@ def finetune(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the MoE (and --compare dense, --scratch) for a few steps; write curves and a Recovery table."""
+    from ckptforge.finetune import FinetuneOptions
+    from ckptforge.finetune import finetune as run_finetune
+
     options = FinetuneOptions(
         data=data, steps=steps, compare=compare, scratch=scratch, lr=lr, batch_size=batch_size,
         eval_every=eval_every, eval_data=eval_data, seed=seed, device=device, precision=precision,

@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 
 from ckptforge.errors import UsageError
-from ckptforge.inspection import inspect_source
-from ckptforge.io.source import ALIASES
 
 from .options import JsonOpt, emit_json, stdout
 
@@ -20,6 +18,9 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Show family, layers, sizes, MoE layout, parameters, dtypes and files of a checkpoint."""
+    from ckptforge.inspection import inspect_source
+    from ckptforge.io.source import ALIASES
+
     if aliases:
         if as_json:
             emit_json({"aliases": ALIASES})

@@ -7,9 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ckptforge.config import parse_size
 from ckptforge.errors import HubError, UsageError
-from ckptforge.hub import DEFAULT_COMMIT_BYTES, push_folder
 
 from .options import JsonOpt, QuietOpt, emit_json, stdout
 
@@ -26,6 +24,9 @@ def push(
     quiet: QuietOpt = False,
 ) -> None:
     """Push an output directory to the Hub (token from HF_TOKEN or 'hf auth login'; never printed)."""
+    from ckptforge.config import parse_size
+    from ckptforge.hub import DEFAULT_COMMIT_BYTES, push_folder
+
     try:
         commit_bytes = parse_size(commit_size)
     except ValueError as exc:
@@ -40,6 +41,8 @@ def push(
 
 def push_output(out_dir: Path, repo_id: str, quiet: bool) -> dict[str, Any]:
     """``upcycle --push-to``: push with the defaults; returns the result for the JSON payload."""
+    from ckptforge.hub import push_folder
+
     try:
         result = push_folder(out_dir, repo_id).to_dict()
     except (HubError, UsageError) as exc:  # the conversion itself succeeded: say where it is

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ckptforge.config import UpcycleOptions
 from ckptforge.errors import UsageError
-from ckptforge.recipes import load_recipe, recipe_paths, resolve_options
 
 from .options import JsonOpt, emit_json, stdout
+
+if TYPE_CHECKING:  # the library (and torch) load when a command runs, not for --help
+    from ckptforge.config import UpcycleOptions
 
 app = typer.Typer(no_args_is_help=True, help="List and show the shipped upcycling recipes (recipes/*.yaml).")
 
@@ -19,6 +20,8 @@ app = typer.Typer(no_args_is_help=True, help="List and show the shipped upcyclin
 @app.command("list")
 def list_recipes(as_json: JsonOpt = False) -> None:
     """Name, method, paper and a one-line summary of every shipped recipe."""
+    from ckptforge.recipes import load_recipe, recipe_paths
+
     recipes = [load_recipe(p) for p in recipe_paths()]
     if as_json:
         emit_json({"recipes": [r.summary_dict() for r in recipes]})
@@ -40,6 +43,8 @@ def show_recipe(
     as_json: JsonOpt = False,
 ) -> None:
     """Print one recipe: its YAML (with the comments that give source and arithmetic)."""
+    from ckptforge.recipes import load_recipe
+
     recipe = load_recipe(name)
     if as_json:
         emit_json({**recipe.summary_dict(), "options": recipe.options, "sha256": recipe.sha256})
@@ -53,18 +58,18 @@ FLAG_FIELDS: dict[str, str | tuple[str, str]] = {
     "experts": "num_experts", "noise_std": ("strategy_params", "noise_std"),
     "drop_ratio": ("strategy_params", "drop_ratio"),
 }
-_OPTION_FIELDS = set(UpcycleOptions().to_dict()) - {"recipe"}
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may bring its own click enum
 
 
 def explicit_overrides(ctx: Any, options: UpcycleOptions) -> dict[str, Any]:
     """The option values the user gave as flags (not defaults), keyed by UpcycleOptions field."""
+    option_fields = set(options.to_dict()) - {"recipe"}
     overrides: dict[str, Any] = {}
     for name in ctx.params:
         source = ctx.get_parameter_source(name)
         if source is None or source.name not in _GIVEN:
             continue
-        target = FLAG_FIELDS.get(name, name if name in _OPTION_FIELDS else None)
+        target = FLAG_FIELDS.get(name, name if name in option_fields else None)
         if isinstance(target, tuple):
             field_name, key = target
             value = getattr(options, field_name).get(key)
@@ -77,6 +82,8 @@ def explicit_overrides(ctx: Any, options: UpcycleOptions) -> dict[str, Any]:
 
 def apply_recipe(ctx: Any, ref: str, options: UpcycleOptions) -> UpcycleOptions:
     """Options from the recipe ``ref`` with the explicitly given flags on top."""
+    from ckptforge.recipes import load_recipe, resolve_options
+
     recipe = load_recipe(ref)
     resolved = resolve_options(recipe, explicit_overrides(ctx, options), base=options)
     resolved.recipe["family"] = recipe.family

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ckptforge.routes import route_input, save_expert_maps
-
 from .options import JsonOpt, emit_json, stdout
 
 
@@ -20,6 +18,8 @@ def routes(
     as_json: JsonOpt = False,
 ) -> None:
     """Show each MoE layer's top expert per patch/token and the expert load (dead experts in red)."""
+    from ckptforge.routes import route_input, save_expert_maps
+
     report = route_input(model, input_path)
     if out is not None:
         save_expert_maps(report, out)

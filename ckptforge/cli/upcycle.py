@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ckptforge.config import UpcycleOptions, parse_size, router_settings
 from ckptforge.errors import UsageError
-from ckptforge.execute import upcycle as run_upcycle
-from ckptforge.io.source import open_checkpoint
-from ckptforge.plan import Plan, build_plan
 
 from .push import push_output
 from .recipes import apply_recipe, check_recipe_family
@@ -23,6 +19,9 @@ from .options import (
     ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TolOpt, byte_progress, emit_json, fail_verification, show_progress,
     stdout,
 )
+
+if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
+    from ckptforge.plan import Plan
 
 
 #: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
@@ -83,6 +82,10 @@ def upcycle(
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
+    from ckptforge.config import UpcycleOptions, parse_size, router_settings
+    from ckptforge.io.source import open_checkpoint
+    from ckptforge.plan import build_plan
+
     try:
         size = parse_size(shard_size)
     except ValueError as exc:
@@ -113,6 +116,8 @@ def upcycle(
         return
     if out is None:
         raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
+    from ckptforge.execute import upcycle as run_upcycle  # after --dry-run: it imports transformers
+
     ckpt_plan = build_plan(open_checkpoint(source), options, out)
     check_recipe_family(options, ckpt_plan.family)
     with byte_progress(ckpt_plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:

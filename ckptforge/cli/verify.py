@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ckptforge.verify import VerifyReport, verify_model
-
 from .options import JsonOpt, QuietOpt, SeedOpt, TolOpt, emit_json, fail_verification, stdout
+
+if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
+    from ckptforge.verify import VerifyReport
 
 
 def verify(
@@ -23,6 +24,8 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Run the dense and the MoE model on the same inputs; exit 1 above --tol."""
+    from ckptforge.verify import verify_model
+
     report = verify_model(moe_dir, against, tol=tol, batch_size=batch_size, seed=seed)
     if as_json:
         emit_json(report.to_dict())

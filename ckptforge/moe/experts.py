@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 
 class StackedExperts(nn.Module):
@@ -19,6 +18,10 @@ class StackedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, expert_width: int, activation: str, bias: bool = True):
+        # imported here, not at module level: importing ckptforge.moe must not import transformers (whose
+        # first import registers ckptforge's Auto classes, which need ckptforge.moe fully imported)
+        from transformers.activations import ACT2FN
+
         super().__init__()
         self.num_experts = num_experts
         self.w1 = nn.Parameter(torch.empty(num_experts, expert_width, hidden_size))
