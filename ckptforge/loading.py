@@ -10,26 +10,36 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-import transformers
 
-from ckptforge import modeling
 from ckptforge.errors import SourceError
 
-_MODELING_DIR = Path(modeling.__file__).parent
+if TYPE_CHECKING:
+    import transformers
+
+# Writing remote code needs only these paths: a conversion to a stock format (Mixtral, Qwen2-MoE)
+# never imports transformers or ckptforge.modeling, which keeps its start-up short.
+_MODELING_DIR = Path(__file__).resolve().parent / "modeling"
 _MOE_DIR = _MODELING_DIR.parent / "moe"
-_OUR_CLASSES = {name: getattr(modeling, name) for name in modeling.__all__ if name[0].isupper()}
-_OUR_CONFIGS = {cls.model_type: cls for cls in (modeling.ViTMoEConfig, modeling.BertMoEConfig)}
+
+
+def _our_classes() -> dict[str, type]:
+    from ckptforge import modeling
+
+    return {name: getattr(modeling, name) for name in modeling.__all__ if name[0].isupper()}
 
 
 def model_class(config: dict[str, Any]) -> type:
     """The class named in ``config['architectures']`` (ckptforge's own, or a transformers class)."""
+    import transformers
+
+    our_classes = _our_classes()
     archs = config.get("architectures") or []
     for arch in archs:
-        if arch in _OUR_CLASSES:
-            return _OUR_CLASSES[arch]
+        if arch in our_classes:
+            return our_classes[arch]
         if hasattr(transformers, arch):
             return getattr(transformers, arch)
     raise SourceError(
@@ -39,7 +49,11 @@ def model_class(config: dict[str, Any]) -> type:
 
 
 def config_object(config: dict[str, Any]) -> transformers.PretrainedConfig:
-    cls = _OUR_CONFIGS.get(config.get("model_type"))
+    import transformers
+
+    from ckptforge import modeling
+
+    cls = {c.model_type: c for c in (modeling.ViTMoEConfig, modeling.BertMoEConfig)}.get(config.get("model_type"))
     if cls is None:
         cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
     return cls.from_dict({k: v for k, v in config.items() if k != "model_type"})

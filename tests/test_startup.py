@@ -106,3 +106,17 @@ def test_auto_registration_works_whichever_module_imports_transformers_first(fir
         print(json.dumps({{"registered": sorted(t for t in ("vit_moe", "bert_moe") if t in CONFIG_MAPPING)}}))
     """)
     assert result["registered"] == ["bert_moe", "vit_moe"]
+
+
+def test_a_mixtral_conversion_never_imports_transformers(tiny, tmp_path):
+    """Stock output formats need no model code: the CLI's start-up is torch alone (issue 15)."""
+    dense = tiny("llama")
+    result = _python("""
+        import json, sys
+        from ckptforge.cli import main
+        code = main(["upcycle", sys.argv[1], "--experts", "4", "--layers", "all", "--out", sys.argv[2], "-q"])
+        print(json.dumps({"code": code, "loaded": [m for m in ("transformers", "ckptforge.modeling", "huggingface_hub.hf_api")
+                                                  if m in sys.modules]}))
+    """, str(dense), str(tmp_path / "moe"))
+    assert result["code"] == 0 and (tmp_path / "moe" / "model.safetensors").is_file()
+    assert result["loaded"] == ["huggingface_hub.hf_api"]  # the model card; transformers never loads
