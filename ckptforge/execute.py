@@ -48,7 +48,7 @@ class UpcycleResult:
 
 
 def upcycle(
-    source: str | Path,
+    source: str | Path | DenseCheckpoint,
     out: str | Path,
     options: UpcycleOptions,
     *,
@@ -57,12 +57,18 @@ def upcycle(
     tol: float = 1e-5,
     stats: Any = None,
     progress: Progress | None = None,
+    plan: Plan | None = None,
 ) -> UpcycleResult:
-    """Convert ``source`` into an MoE checkpoint at ``out`` (atomic; nothing is written on a bad input)."""
+    """Convert ``source`` into an MoE checkpoint at ``out`` (atomic; nothing is written on a bad input).
+
+    ``source`` may be an already opened checkpoint and ``plan`` the plan built for it with these
+    options (what the command does, so that a source is resolved and planned once).
+    """
     start = time.perf_counter()
     out = Path(out)
-    ckpt = open_checkpoint(str(source))
-    plan = build_plan(ckpt, options, out, has_stats=stats is not None)
+    ckpt = source if isinstance(source, DenseCheckpoint) else open_checkpoint(str(source))
+    if plan is None or plan.options is not options:
+        plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     target = AtomicOutput(out, force)
     target.check()
     if stats is None:
