@@ -89,9 +89,8 @@ def _soft(d: int, s: int, e: int, k: int, act: str, router: SoftSettings, scale:
 
 
 def _multihead(d: int, s: int, e: int, k: int, act: str, router: MultiHeadSettings, scale: float) -> nn.Module:
-    block = MultiHeadMoEFeedForward(d, s, e, k, act, heads=router.heads, output_scale=scale, **_topk_args(router))
-    block.aux_loss_weight = float(router.aux_loss_weight)
-    return block
+    return MultiHeadMoEFeedForward(d, s, e, k, act, heads=router.heads, output_scale=scale,
+                                   aux_loss_weight=float(router.aux_loss_weight), **_topk_args(router))
 
 
 def _universal_count(router: SpheroSettings, num_experts: int) -> int:
