@@ -21,7 +21,7 @@ from .settings import (
     router_settings,
 )
 from .soft import SoftMoEFeedForward
-from .tokens import real_tokens, scatter_tokens
+from .tokens import padding_output, real_tokens, scatter_tokens
 
 
 def _topk_args(s: TopKSettings) -> dict[str, Any]:
@@ -58,20 +58,20 @@ class MoEFeedForward(nn.Module):
         self.last_routing = None
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``token_mask`` (same leading shape, True for real tokens): padding is not routed, takes
-        no capacity and no expert's choice, and gets a zero output."""
+        """``token_mask`` (same leading shape, True for real tokens): padding takes no capacity and
+        no expert's choice; it is routed top-k outside the accounting (zeros under expert choice)."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         keep = real_tokens(token_mask)
-        if keep is not None:
-            x = x[keep]
-        routing = self.router(x)
+        real = x if keep is None else x[keep]
+        routing = self.router(real)
         self.last_routing = routing
         self.aux_loss = routing.aux_loss * self.aux_loss_weight
-        out = self.experts(x, routing.expert_index, routing.weights)
+        out = self.experts(real, routing.expert_index, routing.weights)
+        out = scatter_tokens(out, keep, padding_output(self.router, self.experts, x, keep))
         if self.output_scale != 1.0:
             out = out * self.output_scale
-        return scatter_tokens(out, keep).reshape(shape)
+        return out.reshape(shape)
 
 
 def _token_choice(d: int, s: int, e: int, k: int, act: str, router: TopKSettings, scale: float) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import nn
 from .experts import StackedExperts
 from .routers import TopKRouter
 from .settings import TopKSettings
-from .tokens import real_tokens, scatter_tokens
+from .tokens import padding_output, real_tokens, scatter_tokens
 
 
 class MultiHeadMoEFeedForward(nn.Module):
@@ -44,18 +44,18 @@ class MultiHeadMoEFeedForward(nn.Module):
         self.last_routing = None
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``token_mask`` (True for real tokens): the sub-tokens of padding are not routed."""
+        """``token_mask`` (True for real tokens): the sub-tokens of padding take no capacity; they are
+        routed top-k outside the accounting."""
         shape = hidden_states.shape
         x = self.head_proj(hidden_states.reshape(-1, shape[-1]))
         sub_tokens = x.reshape(-1, shape[-1] // self.heads)
         keep = real_tokens(token_mask, self.heads)
-        if keep is not None:
-            sub_tokens = sub_tokens[keep]
-        routing = self.router(sub_tokens)
+        real = sub_tokens if keep is None else sub_tokens[keep]
+        routing = self.router(real)
         self.last_routing = routing
         self.aux_loss = routing.aux_loss * self.aux_loss_weight  # the block owns the weight, as top-k does
-        y = self.experts(sub_tokens, routing.expert_index, routing.weights)
-        y = scatter_tokens(y, keep).reshape(-1, shape[-1])
+        y = self.experts(real, routing.expert_index, routing.weights)
+        y = scatter_tokens(y, keep, padding_output(self.router, self.experts, sub_tokens, keep)).reshape(-1, shape[-1])
         out = self.merge_proj(y)
         if self.output_scale != 1.0:
             out = out * self.output_scale
