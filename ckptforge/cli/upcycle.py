@@ -67,6 +67,8 @@ def upcycle(
     # --- issue 6: recipes and Hub push ---
     recipe: Annotated[str | None, typer.Option("--recipe", help="A recipe name (ckptforge recipes list) or YAML path; explicit flags override its values.")] = None,
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
+    # --- issue 12: the card's base_model ---
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id to name as the card's base_model (default: the Hub repo the source came from, if any).")] = None,
     **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
@@ -98,7 +100,8 @@ def upcycle(
     if out is None:
         raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
     with byte_progress(plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:
-        result = run_upcycle(ckpt, out, options, force=force, verify=verify, tol=tol, progress=progress, plan=plan)
+        result = run_upcycle(ckpt, out, options, force=force, verify=verify, tol=tol, progress=progress, plan=plan,
+                             base_model=base_model)
     _report(result, options, push_to, as_json, quiet, tol)
 
 
