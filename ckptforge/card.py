@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ckptforge.errors import UsageError
 from ckptforge.io.source import ALIASES, DenseCheckpoint
 
 _PIPELINES = {
@@ -21,21 +23,47 @@ _PIPELINES = {
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def card_data(plan: Any, source_ref: str) -> ModelCardData:
-    """Hub metadata: base_model (when the source is a Hub id), tags, library and pipeline."""
-    arch = (plan.output_config.get("architectures") or [""])[0]
+def hub_repo_id(source_ref: str) -> str | None:
+    """The Hub repo a source was resolved from: a Hub id or alias, or a path inside a Hugging Face
+    cache snapshot (``…/models--org--name/snapshots/<rev>/…``); None for any other local path.
+
+        >>> hub_repo_id("vit-base"), hub_repo_id("examples/tiny-vit-mnist") is None
+        ('google/vit-base-patch16-224', True)
+    """
+    path = Path(source_ref).expanduser()
+    if path.exists():
+        parts = path.resolve().parts
+        for i, part in enumerate(parts[:-2]):
+            if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
+                return "/".join(part.split("--")[1:3])
+        return None
     base = ALIASES.get(source_ref, source_ref).split("@")[0]
+    return base if _HUB_ID.match(base) else None
+
+
+def check_base_model(repo_id: str) -> str:
+    """``--base-model ID``: a Hub repo id namespace/name, or a UsageError with the fix."""
+    if not _HUB_ID.match(repo_id):
+        raise UsageError(f"--base-model '{repo_id}' is not a Hub repo id; write it as namespace/name, "
+                         "e.g. google/vit-base-patch16-224")
+    return repo_id
+
+
+def card_data(plan: Any, source_ref: str, base_model: str | None = None) -> ModelCardData:
+    """Hub metadata: base_model (``base_model``, else the Hub repo the source came from), tags, library, pipeline."""
+    arch = (plan.output_config.get("architectures") or [""])[0]
     return ModelCardData(
-        base_model=base if _HUB_ID.match(base) else None,
+        base_model=check_base_model(base_model) if base_model else hub_repo_id(source_ref),
         library_name="transformers",
         pipeline_tag=_PIPELINES.get(arch),
         tags=["moe", "upcycled", plan.options.strategy, "ckptforge"],
     )
 
 
-def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibration: dict | None = None) -> str:
+def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibration: dict | None = None,
+                base_model: str | None = None) -> str:
     """README.md text for an output directory (``calibration``: the record in ckptforge.json)."""
-    data = card_data(plan, ckpt.source)
+    data = card_data(plan, ckpt.source, base_model)
     o = plan.options
     remote = plan.output_format.remote_module
     load = (

@@ -8,16 +8,23 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import torch
+from ckptforge.moe.settings import ROUTER_SETTINGS as SETTINGS_CLASSES
+from ckptforge.moe.settings import router_settings as settings_of
 
-DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+#: ``--dtype`` value → the name of the torch dtype it forces (None: keep the source's).
+DTYPES: dict[str, str | None] = {
+    "auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+    "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
 }
 ROUTER_INITS = ("normal", "zeros", "centroid")
+#: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
+#: importance sampling); otherwise (and for every other router) the default is copy-all.
+SLOT_ROUTER_STRATEGY = "importance"
+#: Strategy parameters that only copy-all takes.
+COPY_ALL_PARAMS = ("noise_std", "drop_ratio")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -30,7 +37,8 @@ class UpcycleOptions:
     num_experts: int = 8
     top_k: int = 2
     layers: str = "every-2"
-    strategy: str = "copy-all"
+    #: None: copy-all, or SLOT_ROUTER_STRATEGY for soft/sphero routers given calibration data
+    strategy: str | None = None
     strategy_params: dict[str, Any] = field(default_factory=dict)
     router: dict[str, Any] = field(default_factory=lambda: {"type": "topk", "normalize": True})
     router_init: str = "normal"
@@ -45,6 +53,11 @@ class UpcycleOptions:
     stats_cache: str | None = None
     # --- issue 6 (recipes): the resolved recipe (name, file hash, values, overrides), or None ---
     recipe: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy is None:
+            slot_router = self.router.get("type") in ("soft", "sphero")
+            self.strategy = SLOT_ROUTER_STRATEGY if slot_router and self.calibration else "copy-all"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,30 +79,29 @@ class UpcycleOptions:
             out.append("--calib-samples and --calib-batch-size must be at least 1")
         if self.shard_size < 1:
             out.append("--shard-size must be positive, e.g. 5GB or 500MB")
+        if self.strategy != "copy-all" and any(k in self.strategy_params for k in COPY_ALL_PARAMS):
+            out.append(f"--noise-std and --drop-ratio apply to --strategy copy-all only, not {self.strategy}; drop them")
         return out + router_problems(self.router)
 
 
-# --- routers (issue 4) -------------------------------------------------------------------------
-#: Router type → the settings it takes (the CLI flag of each is ``--`` + key with ``-``).
+# --- routers (issue 4; issue 12: the settings live in ckptforge/moe/settings.py) ------------------
+#: Router type → the settings it takes (the CLI flag of each: :func:`ckptforge.moe.settings.flag_of`).
 ROUTER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "topk": ("normalize", "noise_std", "capacity_factor", "bpr", "aux_loss_weight"),
-    "expert-choice": ("capacity_factor",),
-    "soft": ("slots", "temperature", "combine", "expert_dropout", "drop_path"),
-    "sphero": ("slots", "temperature", "combine", "expert_dropout", "drop_path", "universal_experts",
-               "universal_ratio"),
-    "mh": ("heads", "normalize", "noise_std", "capacity_factor", "bpr", "aux_loss_weight"),
+    kind: tuple(f.name for f in fields(cls) if f.name != "given") for kind, cls in SETTINGS_CLASSES.items()
 }
-_FLAG = {"noise_std": "--router-noise"}
 
 
 def router_settings(kind: str, **given: Any) -> dict[str, Any]:
     """The ``UpcycleOptions.router`` dict for ``--router kind`` and the router flags that were given (not None).
 
+    Only given values are stored (so ``config.json`` stays as it was); the defaults live in the
+    settings class. ``normalize`` is stored for the routers that have it.
+
         >>> router_settings("topk", capacity_factor=1.05, bpr=True, slots=None)
         {'type': 'topk', 'normalize': True, 'capacity_factor': 1.05, 'bpr': True}
     """
     out: dict[str, Any] = {"type": kind}
-    if kind in ("topk", "mh"):
+    if "normalize" in ROUTER_SETTINGS.get(kind, ()):
         out["normalize"] = True
     out.update({k: v for k, v in given.items() if v is not None})
     return out
@@ -101,26 +113,13 @@ def router_problems(router: dict[str, Any], hidden_size: int | None = None) -> l
         >>> router_problems({"type": "mh", "heads": 5}, hidden_size=32)
         ['--heads 5 does not divide hidden size 32; use a divisor of 32']
     """
-    kind = router.get("type", "topk")
-    if kind not in ROUTER_SETTINGS:
-        return [f"--router {kind!r} is not one of {', '.join(ROUTER_SETTINGS)}"]
-    out = [f"{_FLAG.get(k, '--' + k.replace('_', '-'))} does not apply to --router {kind}; drop it"
-           for k in router if k not in (*ROUTER_SETTINGS[kind], "type")]
-    for key in ("capacity_factor", "slots", "heads", "universal_ratio", "temperature"):
-        if key in router and router[key] is not None and router[key] <= 0:
-            out.append(f"{_FLAG.get(key, '--' + key.replace('_', '-'))} {router[key]} must be positive")
-    for key in ("noise_std", "aux_loss_weight", "universal_experts"):
-        if router.get(key) is not None and router[key] < 0:
-            out.append(f"{_FLAG.get(key, '--' + key.replace('_', '-'))} {router[key]} must not be negative")
-    for key in ("expert_dropout", "drop_path"):
-        if not 0 <= router.get(key, 0) < 1:
-            out.append(f"--{key.replace('_', '-')} {router[key]} must be in [0, 1)")
-    if router.get("combine", "softmax") not in ("softmax", "entmax15"):
-        out.append(f"--combine {router['combine']!r} is not one of softmax, entmax15")
-    heads = router.get("heads")
-    if hidden_size is not None and heads and heads > 0 and hidden_size % heads:
-        out.append(f"--heads {heads} does not divide hidden size {hidden_size}; use a divisor of {hidden_size}")
-    return out
+    try:
+        settings = settings_of(router)
+    except ValueError as exc:
+        return [str(exc)]
+    except TypeError as exc:
+        return [f"router settings are not understood: {exc}"]
+    return settings.problems(hidden_size)
 
 
 def parse_size(text: str | int) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ckptforge import __version__
-from ckptforge.card import render_card
+from ckptforge.card import check_base_model, render_card
 from ckptforge.config import UpcycleOptions
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
@@ -48,7 +48,7 @@ class UpcycleResult:
 
 
 def upcycle(
-    source: str | Path,
+    source: str | Path | DenseCheckpoint,
     out: str | Path,
     options: UpcycleOptions,
     *,
@@ -57,12 +57,22 @@ def upcycle(
     tol: float = 1e-5,
     stats: Any = None,
     progress: Progress | None = None,
+    plan: Plan | None = None,
+    base_model: str | None = None,
 ) -> UpcycleResult:
-    """Convert ``source`` into an MoE checkpoint at ``out`` (atomic; nothing is written on a bad input)."""
+    """Convert ``source`` into an MoE checkpoint at ``out`` (atomic; nothing is written on a bad input).
+
+    ``source`` may be an already opened checkpoint and ``plan`` the plan built for it with these
+    options (what the command does, so that a source is resolved and planned once). ``base_model``
+    names the card's ``base_model`` (default: the Hub repo the source was resolved from, if any).
+    """
     start = time.perf_counter()
     out = Path(out)
-    ckpt = open_checkpoint(str(source))
-    plan = build_plan(ckpt, options, out, has_stats=stats is not None)
+    if base_model is not None:
+        check_base_model(base_model)
+    ckpt = source if isinstance(source, DenseCheckpoint) else open_checkpoint(str(source))
+    if plan is None or plan.options is not options:
+        plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     target = AtomicOutput(out, force)
     target.check()
     if stats is None:
@@ -85,7 +95,7 @@ def upcycle(
             report = verify_model(tmp, against=ckpt, tol=tol, options=options.to_dict())
             report.moe_dir = str(out)
         calibration = _calibration_record(stats, selections)
-        (tmp / "README.md").write_text(render_card(plan, ckpt, report, calibration))
+        (tmp / "README.md").write_text(render_card(plan, ckpt, report, calibration, base_model))
         provenance = _provenance(plan, ckpt, source_hashes.result(), tmp, shard_hashes, report)
         provenance["calibration"] = calibration
         (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")

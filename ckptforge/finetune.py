@@ -52,7 +52,7 @@ class FinetuneOptions:
     device: str = "auto"
     precision: str = "auto"
     seq_len: int = 64
-    aux_weight: float = 0.01
+    aux_weight: float | None = None  # None: the weight the MoE's routers store
     weight_decay: float = 0.0
     warmup_steps: int = 0
     save: str | None = None
@@ -70,6 +70,8 @@ class FinetuneOptions:
             out.append(f"--lr {self.lr:g} must be positive, e.g. 1e-4")
         if self.eval_every < 0:
             out.append(f"--eval-every {self.eval_every} must be 0 (every steps/10) or positive")
+        if self.aux_weight is not None and not self.aux_weight >= 0:
+            out.append(f"--aux-weight {self.aux_weight:g} must not be negative")
         if self.seq_len < 2:
             out.append(f"--seq-len {self.seq_len} must be at least 2")
         if self.device not in DEVICES:

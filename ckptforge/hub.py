@@ -85,6 +85,20 @@ def record_hashes(folder: str | Path, names: list[str]) -> None:
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def set_base_model(folder: str | Path, repo_id: str) -> None:
+    """Name ``repo_id`` as the card's ``base_model`` (``push --base-model``) and record README.md's new hash."""
+    from huggingface_hub import ModelCard
+
+    from ckptforge.card import check_base_model
+
+    check_base_model(repo_id)
+    readme = Path(folder) / "README.md"
+    card = ModelCard.load(readme)
+    card.data.base_model = repo_id
+    readme.write_text(str(card))
+    record_hashes(folder, ["README.md"])
+
+
 def validate_card(folder: str | Path) -> dict[str, Any]:
     """Parse README.md with huggingface_hub's ModelCard and check its metadata; returns the metadata."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -136,18 +150,27 @@ def plan_commits(folder: str | Path, commit_bytes: int = DEFAULT_COMMIT_BYTES) -
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 message: str | None = None, create_pr: bool = False,
-                commit_bytes: int = DEFAULT_COMMIT_BYTES) -> PushResult:
-    """Check ``folder``, then create ``repo_id`` (exist_ok) and upload it in one or more commits."""
+                commit_bytes: int = DEFAULT_COMMIT_BYTES, base_model: str | None = None) -> PushResult:
+    """Check ``folder``, then create ``repo_id`` (exist_ok) and upload it in one or more commits.
+
+    ``base_model`` (a Hub repo id) is written into the card's metadata first (and its hash recorded).
+    """
     import huggingface_hub
 
     meta = check_output(folder)
     validate_card(folder)
+    if base_model is not None:
+        from ckptforge.card import check_base_model
+
+        check_base_model(base_model)
     if "/" not in repo_id or repo_id.count("/") > 1:
         raise UsageError(f"'{repo_id}' is not a Hub repo id; write it as namespace/name, e.g. me/vit-moe")
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise HubError("HF_HUB_OFFLINE=1 is set, so nothing can be pushed; unset HF_HUB_OFFLINE to push")
     if huggingface_hub.get_token() is None:
         raise HubError("no Hugging Face token found; set HF_TOKEN or run 'hf auth login' before pushing")
+    if base_model is not None:
+        set_base_model(folder, base_model)
     message = message or _default_message(meta)
     api = huggingface_hub.HfApi()
     try:

@@ -19,7 +19,7 @@ import torch
 
 from ckptforge.calibration import missing_calibration_message, needed_stats
 from ckptforge.config import DTYPES, ROUTER_SETTINGS, UpcycleOptions, parse_layers, router_problems
-from ckptforge.errors import DiskSpaceError, PlanError
+from ckptforge.errors import DiskSpaceError, PlanError, UsageError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
 from ckptforge.io.source import DenseCheckpoint
@@ -82,7 +82,7 @@ class Plan:
     @property
     def params_active(self) -> int:
         """Parameters one token uses: the dense parts, plus the share of the experts its router
-        type gives it (k/E for top-k; see :data:`ckptforge.moe.layer.ACTIVE_EXPERT_SHARE`)."""
+        type gives it (k/E for top-k; see :data:`ckptforge.moe.layer.ROUTERS`)."""
         o = self.options
         expert = sum(t.numel for t in self.tensors if t.op == "expert")
         return self.params_total - expert + active_expert_params(self.output_config.get("moe_router"), expert,
@@ -138,6 +138,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     """
     config = ckpt.config
     family = detect_family(config)
+    _check_recipe_family(options, family.name)
     problems = options.problems() + family.check(config)
     dims = family.dims(config)
     try:
@@ -191,6 +192,16 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     return plan
 
 
+def _check_recipe_family(options: UpcycleOptions, family: str) -> None:
+    """A recipe written for one family refuses a checkpoint of another (before anything else)."""
+    wanted = (options.recipe or {}).get("family")
+    if wanted is not None and wanted != family:
+        raise UsageError(
+            f"recipe '{options.recipe['name']}' is for {wanted} checkpoints, but the source is a {family} "
+            f"checkpoint; pick a {family} recipe from 'ckptforge recipes list'"
+        )
+
+
 def _router_problems(family: Family, options: UpcycleOptions, dims: Dims, found: list[str]) -> list[str]:
     kind = options.router.get("type", "topk")
     if kind in ROUTER_SETTINGS and kind not in family.routers:
@@ -211,7 +222,7 @@ def _missing_ffn(family: Family, prefix: str, moe_layers: list[int], canonical: 
 def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dims, prefix: str,
              canonical: dict[str, str], moe_layers: list[int], options: UpcycleOptions,
              expert_width: int, out_config: dict[str, Any]) -> tuple[list[PlannedTensor], list[str]]:
-    forced = DTYPES[options.dtype]
+    forced = getattr(torch, DTYPES[options.dtype]) if DTYPES[options.dtype] else None
     ffn_of = {layer: family.ffn_names(prefix, layer) for layer in moe_layers}
     moe_ffn = {name for names in ffn_of.values() for name in names.values()}
     tensors: list[PlannedTensor] = []

@@ -204,12 +204,16 @@ def resolve_options(recipe: Recipe, overrides: dict[str, Any], base: UpcycleOpti
         if key in ("strategy_params", "router") and key in recipe.options and key in overrides:
             value = {**recipe.options[key], **overrides[key]}
         values[key] = value
-    if "strategy" in overrides and overrides["strategy"] != recipe.options.get("strategy") \
-            and "strategy_params" not in overrides:
-        values["strategy_params"] = {}
+    if "strategy" in overrides and overrides["strategy"] != recipe.options.get("strategy"):
+        values["strategy_params"] = dict(overrides.get("strategy_params", {}))
+    if "strategy" not in overrides and "strategy" not in recipe.options:
+        values["strategy"] = None  # the default follows the resolved router (UpcycleOptions)
+    typed_router = overrides.get("router", {}).get("type")
+    if typed_router is not None and typed_router != recipe.options.get("router", {}).get("type", "topk"):
+        values["router"] = dict(overrides["router"])  # another router: none of the recipe's router settings apply
     values["recipe"] = {
         "name": recipe.name, "path": str(recipe.path), "sha256": recipe.sha256, "method": recipe.method,
-        "paper": recipe.paper, "values": recipe.options, "overrides": overrides,
+        "paper": recipe.paper, "values": recipe.options, "overrides": overrides, "family": recipe.family,
     }
     field_names = {f.name for f in dataclasses.fields(UpcycleOptions)}
     return UpcycleOptions(**{k: v for k, v in values.items() if k in field_names})

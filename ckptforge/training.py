@@ -33,7 +33,9 @@ class TrainSettings:
     batch_size: int
     eval_every: int
     seed: int
-    aux_weight: float
+    #: None: the load-balancing weight the model stores (its router's ``aux_loss_weight`` or
+    #: ``router_aux_loss_coef``); a number replaces it in every MoE block for this run.
+    aux_weight: float | None
     weight_decay: float
     warmup_steps: int
 
@@ -62,6 +64,8 @@ def train_run(name: str, source: str, model: nn.Module, data: TaskData, settings
     """Train ``model`` for ``settings.steps`` steps on ``data``, evaluating along the way; return the
     curves and the trained (unwrapped) model."""
     torch.manual_seed(settings.seed)
+    if settings.aux_weight is not None:
+        set_aux_weight(model, settings.aux_weight)
     order = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(data.train, batch_size=settings.batch_size, shuffle=True, generator=order,
                         drop_last=len(data.train) >= settings.batch_size)
@@ -80,8 +84,7 @@ def train_run(name: str, source: str, model: nn.Module, data: TaskData, settings
         model.train()
         batch = next(batches)
         with accelerator.autocast():
-            losses, _, aux = step_fn(model, batch)
-            loss = losses.mean() + (settings.aux_weight * aux if aux is not None else 0.0)
+            loss, losses, aux = training_loss(model, batch, step_fn)
         accelerator.backward(loss)
         optimiser.step()
         schedule.step()
@@ -98,6 +101,29 @@ def train_run(name: str, source: str, model: nn.Module, data: TaskData, settings
             run.eval.append(evaluate(model, eval_loader, step_fn, accelerator, step))
     _finish(run, accelerator, examples, seconds, data)
     return run, accelerator.unwrap_model(model)
+
+
+def training_loss(model: nn.Module, batch: Any, step_fn: Callable | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(the loss a step minimises, per-example task losses, the weighted load-balancing term or None).
+
+    The weight of the load-balancing loss has one owner: the model (each MoE block's
+    ``aux_loss_weight``, or a stock model's ``router_aux_loss_coef``); it is added here as it is.
+
+        >>> loss, losses, aux = training_loss(model, batch, "image-classification")   # doctest: +SKIP
+    """
+    step_fn = STEP_FNS[step_fn] if isinstance(step_fn, str) else step_fn
+    losses, _, aux = step_fn(model, batch)
+    return losses.mean() + (aux if aux is not None else 0.0), losses, aux
+
+
+def set_aux_weight(model: nn.Module, weight: float) -> None:
+    """Use ``weight`` for the load-balancing loss of every MoE block of ``model`` (``finetune --aux-weight``)."""
+    for module in model.modules():
+        if hasattr(module, "aux_loss_weight"):
+            module.aux_loss_weight = float(weight)
+    config = _config(model)
+    if config is not None and hasattr(config, "router_aux_loss_coef"):
+        config.router_aux_loss_coef = float(weight)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, step_fn: Callable, accelerator: Any, step: int) -> dict[str, float]:
@@ -152,14 +178,17 @@ def _causal_step(model: nn.Module, batch: list[torch.Tensor]):
     out = model(input_ids=inputs, use_cache=False, **kwargs)
     logits = out.logits.float()
     token_losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return token_losses.mean(-1), (logits.argmax(-1) == targets).float().mean(-1), _aux(out)
+    aux = _aux(out)  # stock transformers MoE models return it unweighted; their config holds the weight
+    if aux is not None:
+        aux = aux * _config(model).router_aux_loss_coef
+    return token_losses.mean(-1), (logits.argmax(-1) == targets).float().mean(-1), aux
 
 
 def _config(model: nn.Module) -> Any:
     return getattr(getattr(model, "module", model), "config", None)
 
 
-#: Task name → (model, batch) → (per-example loss, per-example accuracy, router aux loss or None).
+#: Task name → (model, batch) → (per-example loss, per-example accuracy, weighted router aux loss or None).
 STEP_FNS: dict[str, Callable] = {
     "image-classification": _image_step,
     "sequence-classification": _sequence_step,

@@ -109,7 +109,8 @@ def test_llama_and_unknown_routers_are_refused(tiny, tmp_path, args, message, ca
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--router", "mh", "--heads", "5"], "error: --heads 5 does not divide hidden size 32; use a divisor of 32"),
-    (["--router", "soft", "--bpr"], "error: --bpr does not apply to --router soft; drop it"),
+    (["--router", "soft", "--bpr"], "error: --bpr does not apply to --router soft; it is a setting of --router topk or "
+     "--router mh: drop it or use that router"),
     (["--router", "topk", "--capacity-factor", "0"], "error: --capacity-factor 0.0 must be positive"),
     (["--router", "sphero", "--drop-path", "1.5"], "error: --drop-path 1.5 must be in [0, 1)"),
 ])

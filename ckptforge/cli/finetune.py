@@ -26,7 +26,7 @@ def finetune(
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: steps/10).")] = 0,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Eval data (default: a seeded 10% of --data).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text example.")] = 64,
-    aux_weight: Annotated[float, typer.Option("--aux-weight", help="Weight of the routers' load-balancing loss.")] = 0.01,
+    aux_weight: Annotated[float | None, typer.Option("--aux-weight", help="Weight of the routers' load-balancing loss (default: the weight the MoE stores, e.g. upcycle --aux-loss-weight).")] = None,
     seed: SeedOpt = 0,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.")] = "auto",

@@ -22,6 +22,8 @@ def push(
     commit_size: Annotated[str, typer.Option("--commit-size", help="Largest commit of weight shards, e.g. 50GB; larger outputs go in several commits.")] = "50GB",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    # --- issue 12: name the card's base_model ---
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id to name as the card's base_model (default: the Hub repo the source came from, if any).")] = None,
 ) -> None:
     """Push an output directory to the Hub (token from HF_TOKEN or 'hf auth login'; never printed)."""
     from ckptforge.config import parse_size
@@ -32,7 +34,7 @@ def push(
     except ValueError as exc:
         raise UsageError(f"--commit-size: {exc}") from None
     result = push_folder(out_dir, repo_id, private=private, revision=revision, message=message,
-                         create_pr=create_pr, commit_bytes=commit_bytes or DEFAULT_COMMIT_BYTES)
+                         create_pr=create_pr, commit_bytes=commit_bytes or DEFAULT_COMMIT_BYTES, base_model=base_model)
     if as_json:
         emit_json(result.to_dict())
     elif not quiet:

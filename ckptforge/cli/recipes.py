@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from ckptforge.errors import UsageError
 
 from .options import JsonOpt, emit_json, stdout
+from .router_options import router_flag_params
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, not for --help
     from ckptforge.config import UpcycleOptions
@@ -53,16 +53,19 @@ def show_recipe(
 
 
 #: upcycle flags whose option field has another name; (field, key) puts the value into a dict field.
-#: A flag named like an UpcycleOptions field needs no entry.
+#: A flag named like an UpcycleOptions field needs no entry; router setting flags are added below.
 FLAG_FIELDS: dict[str, str | tuple[str, str]] = {
-    "experts": "num_experts", "noise_std": ("strategy_params", "noise_std"),
-    "drop_ratio": ("strategy_params", "drop_ratio"),
+    "experts": "num_experts", "core_experts": "num_experts", "router": ("router", "type"),
+    **{name: ("strategy_params", name) for name in ("noise_std", "drop_ratio", "expert_width", "expert_ratio",
+                                                    "metric", "parts", "threshold", "output_scale")},
+    "coactivation_mode": ("strategy_params", "mode"),
+    **{param: ("router", setting) for param, setting in router_flag_params().items()},
 }
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may bring its own click enum
 
 
 def explicit_overrides(ctx: Any, options: UpcycleOptions) -> dict[str, Any]:
-    """The option values the user gave as flags (not defaults), keyed by UpcycleOptions field."""
+    """The option values the user typed as flags (not defaults), keyed by UpcycleOptions field."""
     option_fields = set(options.to_dict()) - {"recipe"}
     overrides: dict[str, Any] = {}
     for name in ctx.params:
@@ -84,17 +87,4 @@ def apply_recipe(ctx: Any, ref: str, options: UpcycleOptions) -> UpcycleOptions:
     """Options from the recipe ``ref`` with the explicitly given flags on top."""
     from ckptforge.recipes import load_recipe, resolve_options
 
-    recipe = load_recipe(ref)
-    resolved = resolve_options(recipe, explicit_overrides(ctx, options), base=options)
-    resolved.recipe["family"] = recipe.family
-    return resolved
-
-
-def check_recipe_family(options: UpcycleOptions, family: str) -> None:
-    """A recipe written for one family refuses a checkpoint of another."""
-    wanted = (options.recipe or {}).get("family")
-    if wanted is not None and wanted != family:
-        raise UsageError(
-            f"recipe '{options.recipe['name']}' is for {wanted} checkpoints, but the source is a {family} "
-            f"checkpoint; pick a {family} recipe from 'ckptforge recipes list'"
-        )
+    return resolve_options(load_recipe(ref), explicit_overrides(ctx, options), base=options)

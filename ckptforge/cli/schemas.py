@@ -69,7 +69,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "upcycle": {
         "$defs": {"plan": PLAN, "recipe": RECIPE_RECORD, "verify": VERIFY_REPORT, "push": PUSH},
         "oneOf": [
-            _obj({"dry_run": {"const": True}, "plan": {"$ref": "#/$defs/plan"}}, {"recipe": {"$ref": "#/$defs/recipe"}}),
+            _obj({"dry_run": {"const": True}, "plan": {"$ref": "#/$defs/plan"}},
+                 {"recipe": {"$ref": "#/$defs/recipe"}, "options": {"type": "object"}}),
             _obj({"out": _STR, "seconds": _NUM, "plan": {"$ref": "#/$defs/plan"},
                   "files": {"type": "object", "additionalProperties": _STR},
                   "verify": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/verify"}]}},

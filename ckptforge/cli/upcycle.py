@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ckptforge.errors import UsageError
+from ckptforge.config import SLOT_ROUTER_STRATEGY
 
 from .push import push_output
-from .recipes import apply_recipe, check_recipe_family
+from .recipes import apply_recipe
+from .router_options import router_choices, router_flag_params, with_router_flags
 from .options import (
     CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, ExpertRatioOpt, ExpertWidthOpt, MetricOpt, ModeOpt, OutputScaleOpt,
     PartsOpt, StatsCacheOpt, ThresholdOpt, subset_params,
@@ -21,14 +23,11 @@ from .options import (
 )
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
+    from ckptforge.config import UpcycleOptions
     from ckptforge.plan import Plan
 
 
-#: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
-#: importance sampling); without --calibration they fall back to copy-all.
-SLOT_ROUTER_STRATEGY = "importance"
-
-
+@with_router_flags
 def upcycle(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev].")],
@@ -36,7 +35,7 @@ def upcycle(
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
     layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | last-P% | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
-    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help="Expert initialisation strategy (default copy-all; soft/sphero with --calibration: " + SLOT_ROUTER_STRATEGY + ").")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help=f"Expert initialisation strategy (default copy-all; soft/sphero with --calibration: {SLOT_ROUTER_STRATEGY}).")] = None,
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
     router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros | centroid (from --calibration).")] = "normal",
@@ -63,23 +62,15 @@ def upcycle(
     tol: TolOpt = 1e-5,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    # --- routers (issue 4) ---
-    router: Annotated[str, typer.Option("--router", help="topk | expert-choice | soft | sphero | mh.")] = "topk",
-    capacity_factor: Annotated[float | None, typer.Option("--capacity-factor", help="topk/mh: per-expert capacity round(k·T·C/E) (default none); expert-choice: C in ⌈C·T/E⌉ (default 2).")] = None,
-    bpr: Annotated[bool | None, typer.Option("--bpr/--no-bpr", help="topk/mh: Batch Prioritized Routing when capacity is short (default on).")] = None,
-    router_noise: Annotated[float | None, typer.Option("--router-noise", help="topk/mh: std of training noise on router logits (default 1/E).")] = None,
-    aux_loss_weight: Annotated[float | None, typer.Option("--aux-loss-weight", help="topk/mh: weight of the load-balancing loss (default 0.01).")] = None,
-    slots: Annotated[int | None, typer.Option("--slots", help="soft/sphero: slots per expert (default 1).")] = None,
+    # --- routers (issue 4; issue 12: the router setting flags are generated from ckptforge/moe/settings.py) ---
+    router: Annotated[str, typer.Option("--router", help=router_choices() + ".")] = "topk",
     core_experts: Annotated[int | None, typer.Option("--core-experts", help="sphero: core experts (same as --experts).")] = None,
-    universal_experts: Annotated[int | None, typer.Option("--universal-experts", help="sphero: universal experts (default 2× core).")] = None,
-    universal_ratio: Annotated[float | None, typer.Option("--universal-ratio", help="sphero: universal expert width / core width (default 0.25).")] = None,
-    combine: Annotated[str | None, typer.Option("--combine", help="soft/sphero: softmax | entmax15 over slots.")] = None,
-    expert_dropout: Annotated[float | None, typer.Option("--expert-dropout", help="soft/sphero: expert dropout in training.")] = None,
-    drop_path: Annotated[float | None, typer.Option("--drop-path", help="soft/sphero: drop-path on the MoE output in training.")] = None,
-    heads: Annotated[int | None, typer.Option("--heads", help="mh: sub-tokens per token (default 4).")] = None,
     # --- issue 6: recipes and Hub push ---
     recipe: Annotated[str | None, typer.Option("--recipe", help="A recipe name (ckptforge recipes list) or YAML path; explicit flags override its values.")] = None,
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
+    # --- issue 12: the card's base_model ---
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id to name as the card's base_model (default: the Hub repo the source came from, if any).")] = None,
+    **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
     from ckptforge.config import UpcycleOptions, parse_size, router_settings
@@ -90,27 +81,24 @@ def upcycle(
         size = parse_size(shard_size)
     except ValueError as exc:
         raise UsageError(f"--shard-size: {exc}") from None
-    strategy = strategy or (SLOT_ROUTER_STRATEGY if router in ("soft", "sphero") and calibration else "copy-all")
-    settings = router_settings(
-        router, capacity_factor=capacity_factor, bpr=bpr, noise_std=router_noise, aux_loss_weight=aux_loss_weight,
-        slots=slots, universal_experts=universal_experts, universal_ratio=universal_ratio, combine=combine,
-        expert_dropout=expert_dropout, drop_path=drop_path, heads=heads,
-    )
+    names = router_flag_params()
+    settings = router_settings(router, **{names[k]: v for k, v in router_flags.items()})
+    strategy_params = {"noise_std": noise_std or None, "drop_ratio": drop_ratio or None, **subset_params(
+        expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale)}
     options = UpcycleOptions(
         num_experts=core_experts or experts, top_k=top_k, layers=layers, strategy=strategy, router=settings,
-        strategy_params={**_strategy_params(strategy, noise_std, drop_ratio), **subset_params(
-            expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale)},
+        strategy_params={k: v for k, v in strategy_params.items() if v is not None},
         router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
         calibration=calibration, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
         stats_cache=str(stats_cache) if stats_cache else None,
     )
     if recipe is not None:  # issue 6
         options = apply_recipe(ctx, recipe, options)
+    ckpt = open_checkpoint(source)  # issue 12: opened and planned once
+    plan = build_plan(ckpt, options, out)
     if dry_run:
-        plan = build_plan(open_checkpoint(source), options, out)
-        check_recipe_family(options, plan.family)
         if as_json:
-            emit_json({"dry_run": True, "plan": plan.to_dict(), "recipe": options.recipe})
+            emit_json({"dry_run": True, "plan": plan.to_dict(), "options": options.to_dict(), "recipe": options.recipe})
         else:
             render_plan(plan)
         return
@@ -118,10 +106,13 @@ def upcycle(
         raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
     from ckptforge.execute import upcycle as run_upcycle  # after --dry-run: it imports transformers
 
-    ckpt_plan = build_plan(open_checkpoint(source), options, out)
-    check_recipe_family(options, ckpt_plan.family)
-    with byte_progress(ckpt_plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:
-        result = run_upcycle(source, out, options, force=force, verify=verify, tol=tol, progress=progress)
+    with byte_progress(plan.bytes_to_write, "writing", show_progress(quiet, as_json)) as progress:
+        result = run_upcycle(ckpt, out, options, force=force, verify=verify, tol=tol, progress=progress, plan=plan,
+                             base_model=base_model)
+    _report(result, options, push_to, as_json, quiet, tol)
+
+
+def _report(result: Any, options: UpcycleOptions, push_to: str | None, as_json: bool, quiet: bool, tol: float) -> None:
     payload = {
         "out": str(result.out), "seconds": round(result.seconds, 3), "plan": result.plan.to_dict(),
         "files": result.files, "verify": result.verify.to_dict() if result.verify else None,
@@ -141,17 +132,6 @@ def upcycle(
             render_report(result.verify)
     if result.verify is not None and not result.verify.passed:
         fail_verification(f"verification above tolerance {tol:g}; the output was written to {result.out}", as_json)
-
-
-def _strategy_params(strategy: str, noise_std: float, drop_ratio: float) -> dict:
-    params = {}
-    if noise_std:
-        params["noise_std"] = noise_std
-    if drop_ratio:
-        params["drop_ratio"] = drop_ratio
-    if params and strategy != "copy-all":
-        raise UsageError("--noise-std and --drop-ratio apply to --strategy copy-all only")
-    return params
 
 
 def render_plan(plan: Plan) -> None:

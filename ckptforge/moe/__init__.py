@@ -2,17 +2,31 @@
 
 This package knows nothing of conversion. Its modules import only torch and transformers, and use
 relative imports among themselves, because they are copied next to ``modeling_*.py`` files as
-remote code.
+remote code. The names below load on first use, so ``ckptforge.moe.settings`` (standard library
+only) can be read without importing torch.
 """
 
-from .experts import StackedExperts
-from .layer import ROUTER_TYPES, MoEFeedForward, active_expert_params, build_moe_layer, moe_tensor_layout
-from .multihead import MultiHeadMoEFeedForward
-from .routers import ExpertChoiceRouter, Routing, TopKRouter
-from .soft import SlotRouter, SoftMoEFeedForward, entmax15
+from __future__ import annotations
 
-__all__ = [
-    "ROUTER_TYPES", "ExpertChoiceRouter", "MoEFeedForward", "MultiHeadMoEFeedForward", "Routing", "SlotRouter",
-    "SoftMoEFeedForward", "StackedExperts", "TopKRouter", "active_expert_params", "build_moe_layer", "entmax15",
-    "moe_tensor_layout",
-]
+import importlib
+from typing import Any
+
+#: public name → the submodule that defines it.
+_PUBLIC = {
+    "StackedExperts": "experts",
+    "ROUTER_TYPES": "layer", "MoEFeedForward": "layer", "active_expert_params": "layer",
+    "build_moe_layer": "layer", "moe_tensor_layout": "layer",
+    "MultiHeadMoEFeedForward": "multihead",
+    "ExpertChoiceRouter": "routers", "Routing": "routers", "TopKRouter": "routers",
+    "SlotRouter": "soft", "SoftMoEFeedForward": "soft", "entmax15": "soft",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value

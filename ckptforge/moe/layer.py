@@ -1,7 +1,8 @@
 """The MoE feed-forward blocks that replace a dense FFN, built by router type from ``config.moe_router``.
 
-``ROUTER_TYPES`` is the registry: type → block builder. :func:`moe_tensor_layout` describes, as
-data, the tensors each type adds beyond the core experts (so a converter can write them).
+``ROUTERS`` is the registry and the only place that branches on a router type: type → settings
+class (:mod:`.settings`), block builder, active share and tensor layout. :func:`moe_tensor_layout`
+describes, as data, the tensors each type adds beyond the core experts (so a converter can write them).
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from torch import nn
 from .experts import StackedExperts
 from .multihead import MultiHeadMoEFeedForward
 from .routers import ExpertChoiceRouter, TopKRouter
+from .settings import (
+    ExpertChoiceSettings, MultiHeadSettings, RouterSettings, SoftSettings, SpheroSettings, TopKSettings,
+    router_settings,
+)
 from .soft import SoftMoEFeedForward
-from .tokens import real_tokens, scatter_tokens
+from .tokens import padding_output, real_tokens, scatter_tokens
 
-#: Router settings that are not constructor arguments of the router itself.
-_TOPK_KEYS = ("normalize", "noise_std", "capacity_factor", "bpr")
+
+def _topk_args(s: TopKSettings) -> dict[str, Any]:
+    return {"normalize": s.normalize, "noise_std": s.noise_std, "capacity_factor": s.capacity_factor, "bpr": s.bpr}
 
 
 class MoEFeedForward(nn.Module):
@@ -28,7 +34,7 @@ class MoEFeedForward(nn.Module):
     ``router`` is the router's settings as stored in ``config.json`` (``{"type": "topk",
     "normalize": True}``). ``output_scale`` multiplies the combined expert output (granular
     upcycling keeps the dense function with it). ``aux_loss`` holds the last forward's
-    load-balancing loss times ``aux_loss_weight`` (0.01 by default).
+    load-balancing loss times ``aux_loss_weight`` (the router setting): the block owns the weight.
 
         >>> moe = MoEFeedForward(hidden_size=8, expert_width=16, num_experts=4, top_k=2, activation="gelu")
         >>> moe(torch.randn(2, 3, 8)).shape
@@ -36,94 +42,126 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, hidden_size: int, expert_width: int, num_experts: int, top_k: int, activation: str,
-                 router: dict[str, Any] | None = None, output_scale: float = 1.0, bias: bool = True):
+                 router: dict[str, Any] | RouterSettings | None = None, output_scale: float = 1.0, bias: bool = True):
         super().__init__()
-        router = dict(router or {"type": "topk"})
-        kind = router.get("type", "topk")
-        if kind == "topk":
-            self.router = TopKRouter(hidden_size, num_experts, top_k, **{k: router[k] for k in _TOPK_KEYS if k in router})
-        elif kind == "expert-choice":
-            self.router = ExpertChoiceRouter(hidden_size, num_experts, router.get("capacity_factor", 2.0))
+        settings = router if isinstance(router, RouterSettings) else router_settings(router)
+        if isinstance(settings, TopKSettings) and not isinstance(settings, MultiHeadSettings):
+            self.router = TopKRouter(hidden_size, num_experts, top_k, **_topk_args(settings))
+        elif isinstance(settings, ExpertChoiceSettings):
+            self.router = ExpertChoiceRouter(hidden_size, num_experts, settings.capacity_factor)
         else:
-            raise ValueError(f"router type {kind!r} is not a token/expert-choice router; use 'topk' or 'expert-choice'")
+            raise ValueError(f"router type {settings.kind!r} is not a token/expert-choice router; use 'topk' or 'expert-choice'")
         self.experts = StackedExperts(num_experts, hidden_size, expert_width, activation, bias=bias)
         self.output_scale = output_scale
-        self.aux_loss_weight = float(router.get("aux_loss_weight", 0.01))
+        self.aux_loss_weight = float(getattr(settings, "aux_loss_weight", 0.0))
         self.aux_loss: torch.Tensor | None = None
         self.last_routing = None
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``token_mask`` (same leading shape, True for real tokens): padding is not routed, takes
-        no capacity and no expert's choice, and gets a zero output."""
+        """``token_mask`` (same leading shape, True for real tokens): padding takes no capacity and
+        no expert's choice; it is routed top-k outside the accounting (zeros under expert choice)."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         keep = real_tokens(token_mask)
-        if keep is not None:
-            x = x[keep]
-        routing = self.router(x)
+        real = x if keep is None else x[keep]
+        routing = self.router(real)
         self.last_routing = routing
         self.aux_loss = routing.aux_loss * self.aux_loss_weight
-        out = self.experts(x, routing.expert_index, routing.weights)
+        out = self.experts(real, routing.expert_index, routing.weights)
+        out = scatter_tokens(out, keep, padding_output(self.router, self.experts, x, keep))
         if self.output_scale != 1.0:
             out = out * self.output_scale
-        return scatter_tokens(out, keep).reshape(shape)
+        return out.reshape(shape)
 
 
-def _token_choice(d: int, s: int, e: int, k: int, act: str, router: dict, scale: float) -> nn.Module:
+def _token_choice(d: int, s: int, e: int, k: int, act: str, router: TopKSettings, scale: float) -> nn.Module:
     return MoEFeedForward(d, s, e, k, act, router, scale)
 
 
-def _soft(d: int, s: int, e: int, k: int, act: str, router: dict, scale: float) -> nn.Module:
-    dual = router.get("type") == "sphero"
+def _soft(d: int, s: int, e: int, k: int, act: str, router: SoftSettings, scale: float) -> nn.Module:
+    dual = isinstance(router, SpheroSettings)
     return SoftMoEFeedForward(
-        d, s, e, act, slots=router.get("slots", 1), temperature=router.get("temperature", 0.5),
-        universal_experts=router.get("universal_experts", 2 * e) if dual else 0,
+        d, s, e, act, slots=router.slots, temperature=router.temperature,
+        universal_experts=_universal_count(router, e) if dual else 0,
         universal_width=universal_width(router, s) if dual else 0,
-        combine=router.get("combine", "softmax"), expert_dropout=router.get("expert_dropout", 0.0),
-        drop_path=router.get("drop_path", 0.0), output_scale=scale,
+        combine=router.combine, expert_dropout=router.expert_dropout, drop_path=router.drop_path, output_scale=scale,
     )
 
 
-def _multihead(d: int, s: int, e: int, k: int, act: str, router: dict, scale: float) -> nn.Module:
-    block = MultiHeadMoEFeedForward(d, s, e, k, act, heads=router.get("heads", 4), output_scale=scale,
-                                    **{key: router[key] for key in _TOPK_KEYS if key in router})
-    block.aux_loss_weight = float(router.get("aux_loss_weight", 0.01))
-    return block
+def _multihead(d: int, s: int, e: int, k: int, act: str, router: MultiHeadSettings, scale: float) -> nn.Module:
+    return MultiHeadMoEFeedForward(d, s, e, k, act, heads=router.heads, output_scale=scale,
+                                   aux_loss_weight=float(router.aux_loss_weight), **_topk_args(router))
 
 
-def universal_width(router: dict[str, Any], expert_width: int) -> int:
-    """Width of SpheroMoE's universal experts: ``universal_ratio`` (¼ by default) of the core width."""
-    return max(1, round(expert_width * router.get("universal_ratio", 0.25)))
+def _universal_count(router: SpheroSettings, num_experts: int) -> int:
+    return 2 * num_experts if router.universal_experts is None else router.universal_experts
 
 
-#: Router type → builder(hidden, expert_width, experts, top_k, activation, router settings, output_scale).
-ROUTER_TYPES: dict[str, Callable[..., nn.Module]] = {
-    "topk": _token_choice, "expert-choice": _token_choice, "soft": _soft, "sphero": _soft, "mh": _multihead,
+def universal_width(router: dict[str, Any] | SpheroSettings, expert_width: int) -> int:
+    """Width of SpheroMoE's universal experts: ``universal_ratio`` of the core width."""
+    settings = router if isinstance(router, RouterSettings) else router_settings(router)
+    return max(1, round(expert_width * settings.universal_ratio))
+
+
+@dataclass(frozen=True)
+class RouterType:
+    """One registry entry: the settings class, the block builder
+    ``build(hidden, expert_width, experts, top_k, activation, settings, output_scale)``, the share of
+    expert parameters one token's output depends on ``active_share(settings, E, k)``, and the
+    tensor layout ``layout(settings, hidden, E, expert_width)``."""
+
+    settings: type[RouterSettings]
+    build: Callable[..., nn.Module]
+    active_share: Callable[[Any, int, int], float]
+    layout: Callable[..., "MoETensorLayout"]
+
+
+def _plain_layout(router: RouterSettings, d: int, e: int, s: int) -> "MoETensorLayout":
+    return MoETensorLayout((e, d), [ExpertGroup("experts", e, s, d)])
+
+
+def _slot_layout(router: SoftSettings, d: int, e: int, s: int) -> "MoETensorLayout":
+    groups = [ExpertGroup("experts", e, s, d)]
+    if isinstance(router, SpheroSettings):
+        groups.append(ExpertGroup("universal_experts", _universal_count(router, e), universal_width(router, s), d, first=e))
+    slots = sum(g.count for g in groups) * router.slots
+    t = float(router.temperature)
+    extras = {"router.slots": ((slots, d), "orthogonal"), "router.norm.weight": ((d,), "ones"),
+              "router.norm.bias": ((d,), "zeros"), "router.dispatch_temperature": ((), t),
+              "router.combine_temperature": ((), t)}
+    return MoETensorLayout(None, groups, extras)
+
+
+def _multihead_layout(router: MultiHeadSettings, d: int, e: int, s: int) -> "MoETensorLayout":
+    h = router.heads
+    extras = {f"{p}.{w}": ((d, d) if w == "weight" else (d,), "identity" if w == "weight" else "zeros")
+              for p in ("head_proj", "merge_proj") for w in ("weight", "bias")}
+    return MoETensorLayout((e, d // h), [ExpertGroup("experts", e, s, d // h, channel_blocks=h)], extras)
+
+
+#: Router type → its registry entry. Active share: k of E experts (top-k); on average C of E
+#: (expert choice, capacity factor C); up to h·k of E (MH-MoE: h sub-tokens, k experts each); all
+#: (soft / sphero: every slot's expert reaches every token through the combine weights).
+ROUTERS: dict[str, RouterType] = {
+    "topk": RouterType(TopKSettings, _token_choice, lambda r, e, k: k / e, _plain_layout),
+    "expert-choice": RouterType(ExpertChoiceSettings, _token_choice,
+                                lambda r, e, k: min(1.0, r.capacity_factor / e), _plain_layout),
+    "soft": RouterType(SoftSettings, _soft, lambda r, e, k: 1.0, _slot_layout),
+    "sphero": RouterType(SpheroSettings, _soft, lambda r, e, k: 1.0, _slot_layout),
+    "mh": RouterType(MultiHeadSettings, _multihead, lambda r, e, k: min(1.0, r.heads * k / e), _multihead_layout),
 }
-
-
-#: Router type → share of a block's expert parameters that one token's output depends on, from
-#: (router settings, experts E, top_k k): k of E experts (top-k); on average C of E (expert choice,
-#: capacity factor C); up to h·k of E (MH-MoE: h sub-tokens, k experts each); all (soft / sphero:
-#: every slot's expert reaches every token through the combine weights).
-ACTIVE_EXPERT_SHARE: dict[str, Callable[[dict, int, int], float]] = {
-    "topk": lambda router, e, k: k / e,
-    "expert-choice": lambda router, e, k: min(1.0, router.get("capacity_factor", 2.0) / e),
-    "mh": lambda router, e, k: min(1.0, router.get("heads", 4) * k / e),
-    "soft": lambda router, e, k: 1.0,
-    "sphero": lambda router, e, k: 1.0,
-}
+#: Router type → block builder (kept for callers of the earlier registry).
+ROUTER_TYPES: dict[str, Callable[..., nn.Module]] = {kind: entry.build for kind, entry in ROUTERS.items()}
 
 
 def active_expert_params(router: dict[str, Any] | None, expert_params: int, num_experts: int, top_k: int) -> int:
-    """How many of ``expert_params`` one token uses, by router type (see :data:`ACTIVE_EXPERT_SHARE`).
+    """How many of ``expert_params`` one token uses, by router type (see :data:`ROUTERS`).
 
         >>> active_expert_params({"type": "topk"}, 800, 8, 2), active_expert_params({"type": "soft"}, 800, 8, 2)
         (200, 800)
     """
-    router = router or {"type": "topk"}
-    share = ACTIVE_EXPERT_SHARE[router.get("type", "topk")](router, num_experts, top_k)
-    return round(expert_params * share)
+    settings = router_settings(router)
+    return round(expert_params * ROUTERS[settings.kind].active_share(settings, num_experts, top_k))
 
 
 def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k: int, activation: str,
@@ -133,11 +171,11 @@ def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k
         >>> build_moe_layer(8, 16, 4, 2, "gelu", {"type": "sphero"}).universal_experts.num_experts
         8
     """
-    router = dict(router or {"type": "topk"})
-    kind = router.get("type", "topk")
-    if kind not in ROUTER_TYPES:
-        raise ValueError(f"router type {kind!r} is not available; use one of {', '.join(ROUTER_TYPES)}")
-    return ROUTER_TYPES[kind](hidden_size, expert_width, num_experts, top_k, activation, router, output_scale)
+    kind = (router or {}).get("type", "topk")
+    if kind not in ROUTERS:
+        raise ValueError(f"router type {kind!r} is not available; use one of {', '.join(ROUTERS)}")
+    settings = router_settings(router)
+    return ROUTERS[settings.kind].build(hidden_size, expert_width, num_experts, top_k, activation, settings, output_scale)
 
 
 @dataclass(frozen=True)
@@ -180,22 +218,5 @@ def moe_tensor_layout(router: dict[str, Any], hidden_size: int, num_experts: int
         >>> moe_tensor_layout({"type": "sphero"}, 8, 2, 16).groups[1]
         ExpertGroup(name='universal_experts', count=4, width=4, in_dim=8, first=2, channel_blocks=1)
     """
-    kind, d, e = router.get("type", "topk"), hidden_size, num_experts
-    core = ExpertGroup("experts", e, expert_width, d)
-    if kind in ("soft", "sphero"):
-        groups = [core]
-        if kind == "sphero":
-            groups.append(ExpertGroup("universal_experts", router.get("universal_experts", 2 * e),
-                                      universal_width(router, expert_width), d, first=e))
-        slots = sum(g.count for g in groups) * router.get("slots", 1)
-        t = float(router.get("temperature", 0.5))
-        extras = {"router.slots": ((slots, d), "orthogonal"), "router.norm.weight": ((d,), "ones"),
-                  "router.norm.bias": ((d,), "zeros"), "router.dispatch_temperature": ((), t),
-                  "router.combine_temperature": ((), t)}
-        return MoETensorLayout(None, groups, extras)
-    if kind == "mh":
-        h = router.get("heads", 4)
-        extras = {f"{p}.{w}": ((d, d) if w == "weight" else (d,), "identity" if w == "weight" else "zeros")
-                  for p in ("head_proj", "merge_proj") for w in ("weight", "bias")}
-        return MoETensorLayout((e, d // h), [ExpertGroup("experts", e, expert_width, d // h, channel_blocks=h)], extras)
-    return MoETensorLayout((e, d), [core])
+    settings = router_settings(router)
+    return ROUTERS[settings.kind].layout(settings, hidden_size, num_experts, expert_width)

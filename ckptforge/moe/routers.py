@@ -58,14 +58,24 @@ class TopKRouter(nn.Module):
             return None
         return max(1, round(self.top_k * num_tokens * self.capacity_factor / self.num_experts))
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = (x @ self.weight.T).float()
-        if self.training and self.noise_std > 0:
-            logits = logits + torch.randn_like(logits) * self.noise_std
+    def _top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         probs = torch.softmax(logits, dim=-1)
         weights, index = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, index
+
+    def uncounted(self, x: torch.Tensor) -> Routing:
+        """Top-k routing outside the batch's accounting (padded positions): no noise, no capacity,
+        no load-balancing loss, and nothing the real tokens' routing depends on."""
+        probs, weights, index = self._top_k((x @ self.weight.T).float())
+        return Routing(index, weights, probs.new_zeros(()), probs)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = (x @ self.weight.T).float()
+        if self.training and self.noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.noise_std
+        probs, weights, index = self._top_k(logits)
         aux = load_balancing_loss(probs, index, self.num_experts)
         capacity = self.capacity(x.shape[0])
         if capacity is not None:
