@@ -17,7 +17,7 @@ from ckptforge.io.source import open_checkpoint
 from ckptforge.moe import active_expert_params
 
 #: MoE model types ckptforge writes → the dense family they come from.
-MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama"}
+MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "qwen3"}
 
 
 def inspect_source(ref: str) -> dict[str, Any]:
