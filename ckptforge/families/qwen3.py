@@ -3,7 +3,7 @@
 Every layer MoE, or some (the others listed in ``mlp_only_layers``, a dense MLP of the source's
 width). Copy-all experts with renormalised top-k (``norm_topk_prob``) compute the dense function.
 Only a Qwen3 source becomes Qwen3-MoE: its attention has q/k norms that a LLaMA, Mistral or Qwen2
-checkpoint lacks, so the conversion could not keep their function (see :data:`WHY_NOT_QWEN3_MOE`).
+checkpoint lacks, so the conversion could not keep their function (see ``ckptforge.families.llama.WHY_NOT_QWEN3_MOE``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ QWEN3_MOE = OutputFormat(
     packed=False,
 )
 
-#: Why a LLaMA / Mistral / Qwen2 source is never written as Qwen3-MoE.
-WHY_NOT_QWEN3_MOE = (
-    "Qwen3-MoE applies RMSNorms to queries and keys (q_norm/k_norm) that a {model_type} checkpoint does not "
-    "have, so the output would compute a different function; use architecture mixtral or qwen2_moe for "
-    "{model_type} sources, or start from a qwen3 checkpoint"
-)
+#: Why a Qwen3 source is not written as Mixtral or Qwen2-MoE: neither has q/k norms.
+_NO_QK_NORM = ("{model_type} attention normalises queries and keys (q_norm/k_norm), which Mixtral and Qwen2-MoE "
+               "attention cannot hold, so the output would compute a different function; use architecture qwen3_moe")
 
 
 class Qwen3Family(Family):
@@ -45,6 +42,8 @@ class Qwen3Family(Family):
     }
     base_prefixes = ("model.",)
     anchor = "embed_tokens.weight"
+    offered_formats = {"qwen3_moe": QWEN3_MOE}
+    refused_formats = {"mixtral": _NO_QK_NORM, "qwen2_moe": _NO_QK_NORM}
 
     def check(self, config: dict[str, Any]) -> list[str]:
         problems = []
