@@ -51,7 +51,8 @@ class LayerRunner:
             hooks: Hooks | None = None, last_layer: int | None = None) -> None:
         """Push every batch (``input_ids``, ``attention_mask``) through layers ``0 … last_layer``.
 
-        ``visit`` sees the hidden states entering each layer (and, at index L, leaving the last one)."""
+        ``visit`` sees the hidden states entering each layer (and, at index L, leaving the last one), just
+        before that batch goes through the layer, so ``hooks`` know which batch they see."""
         stop = self.num_layers - 1 if last_layer is None else last_layer
         embed = self.read(self.decoder.embed_tokens, "weight")
         hidden = [torch.nn.functional.embedding(b["input_ids"], embed) for b in batches]
@@ -61,13 +62,12 @@ class LayerRunner:
         masks = [self._masks(h, b.get("attention_mask"), p) for h, b, p in zip(hidden, batches, positions)]
         with torch.no_grad():
             for i in range(stop + 1):
-                if visit is not None:
-                    for b, h in enumerate(hidden):
-                        visit(i, b, h)
                 layer = self._materialise(self.layers[i])
                 handles = hooks(i, layer) if hooks is not None else []
                 try:
                     for b in range(len(hidden)):
+                        if visit is not None:
+                            visit(i, b, hidden[b])
                         out = layer(hidden[b], attention_mask=masks[b][self._layer_type(i)],
                                     position_embeddings=rotary[b], position_ids=positions[b])
                         hidden[b] = out[0] if isinstance(out, tuple) else out
@@ -112,3 +112,44 @@ class LayerRunner:
         if stored not in self.ckpt.tensors:
             raise UsageError(f"the checkpoint has no tensor {name}; it does not match its config")
         return self.ckpt.read(stored).to(self.dtype)
+
+
+def collect_stats_layerwise(ckpt: DenseCheckpoint, data, layers: list[int], *, threshold: str = "zero",
+                            needs: set[str] | None = None, stop: int | None = None):
+    """:func:`ckptforge.calibration.collect_stats`, produced by the layer-by-layer runner instead of a
+    whole-model forward: the same :class:`~ckptforge.calibration.LayerStats`, without the model in RAM.
+
+        >>> stats = collect_stats_layerwise(ckpt, data, [1], needs={"scores"})    # doctest: +SKIP
+    """
+    from ckptforge.calibration import ActivationStats, LayerStats
+
+    needs = set(needs or {"scores"})
+    runner = LayerRunner(ckpt)
+    dims = runner.family.dims(ckpt.config)
+    result = {i: LayerStats(dims.intermediate_size, dims.hidden_size, threshold, needs) for i in layers}
+    batches = list(data.batches(0, stop))
+    rel = {role: runner.family.ffn[role].removesuffix(".weight") for role in ("up", "down")}
+    current: dict[str, torch.Tensor | None] = {"mask": None, "inputs": None}
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1, t.shape[-1])
+        mask = current["mask"]
+        return flat[mask.reshape(-1).bool()] if mask is not None else flat
+
+    def hooks(layer: int, module: torch.nn.Module) -> list:
+        if layer not in result:
+            return []
+        prefix = "layers.{layer}.".format(layer=layer)
+        up, down = (module.get_submodule(rel[r].format(layer=layer).removeprefix(prefix)) for r in ("up", "down"))
+        handles = [down.register_forward_pre_hook(
+            lambda m, args: result[layer].update(rows(args[0]), current.pop("inputs", None)))]
+        if "centroids" in needs:
+            handles.append(up.register_forward_pre_hook(lambda m, args: current.__setitem__("inputs", rows(args[0]))))
+        return handles
+
+    def visit(layer: int, b: int, hidden: torch.Tensor) -> None:
+        current["mask"] = batches[b].get("attention_mask")
+
+    runner.run(batches, visit=visit, hooks=hooks, last_layer=max(layers))
+    samples = min(stop or data.num_samples, data.num_samples)
+    return ActivationStats(result, {**data.describe(), "samples": samples, "device": "cpu", "runner": "layer-by-layer"})
