@@ -212,3 +212,50 @@ def test_duplicate_expert_with_identical_prompts_warns_with_condition_number(tmp
     assert warning.startswith("warning: layers 0, 1, 2 of 3 have degenerate router rows (condition number up to ")
     assert "experts 1 and 2 have the same source and prompts" in warning
     assert read_json(tmp_path / "moe" / "ckptforge.json")["multisource"]["warnings"] == [warning.removeprefix("warning: ")]
+
+
+# --- shared experts (Qwen2-MoE shared_expert + sigmoid shared_expert_gate) ---------------------------
+
+def test_shared_expert_from_a_listed_source_with_residual_scale(tmp_path):
+    base, sources = family_setup(tmp_path, fingerprints=True)
+    cfg = write_config(tmp_path / "moe.yml", base, sources[:2], gate_mode="cheap_embed", prompts=PROMPTS[:2],
+                       shared_experts=[{"source_model": str(sources[2]), "positive_prompts": PROMPTS[2],
+                                        "residual_scale": 0.5}])
+    result = upcycle_multisource(load_moe_config(cfg), tmp_path / "moe")
+    config = read_config(tmp_path / "moe")
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["shared_expert_intermediate_size"] == 64
+    reference = transformers.Qwen2MoeForCausalLM(transformers.AutoConfig.for_model(**config))
+    reference.save_pretrained(tmp_path / "reference")
+    got = _tensors(tmp_path / "moe")
+    assert set(got) == set(_tensors(tmp_path / "reference"))
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert torch.all(got["model.layers.1.mlp.shared_expert.up_proj.weight"] == 3)
+    assert torch.all(got["model.layers.1.mlp.shared_expert.down_proj.weight"] == 1.5)
+    assert torch.all(got["model.layers.1.mlp.experts.1.down_proj.weight"] == 2)
+    from ckptforge.io.source import open_checkpoint
+    from ckptforge.multisource import compute_gates
+
+    rows = compute_gates(load_moe_config(cfg), open_checkpoint(base), [1], torch.Generator())  # the prompt row
+    assert torch.allclose(got["model.layers.1.mlp.shared_expert_gate.weight"], rows.shared[1])
+    assert result.plan.plan.output_config["shared_expert_intermediate_size"] == 64
+
+
+def test_shared_expert_dense_is_the_base_ffn(tmp_path):
+    base, sources = family_setup(tmp_path, experts=2)
+    out = tmp_path / "moe"
+    proc = run_cli("upcycle", str(base), "--expert-source", str(sources[0]), "--expert-source", str(sources[1]),
+                   "--shared-expert", "dense", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    got, dense = _tensors(out), _tensors(base)
+    for role in ("gate_proj", "up_proj", "down_proj"):
+        assert torch.equal(got[f"model.layers.2.mlp.shared_expert.{role}.weight"], dense[f"model.layers.2.mlp.{role}.weight"])
+    assert read_json(out / "ckptforge.json")["multisource"]["shared_experts"][0]["source"] == str(base)
+
+
+def test_shared_expert_for_a_format_without_one_is_refused(tmp_path):
+    base, sources = family_setup(tmp_path, experts=2)
+    cfg = write_config(tmp_path / "moe.yml", base, sources, architecture="mixtral",
+                       shared_experts=[{"source_model": str(sources[0])}])
+    msg = _refused(tmp_path, cfg)
+    assert "architecture mixtral has no shared expert; remove shared_experts or use architecture qwen2_moe" in msg
