@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def test_each_expert_ffn_comes_from_its_source(tmp_path):
     record = read_json(tmp_path / "moe" / "ckptforge.json")["multisource"]
     assert [e["source"] for e in record["experts"]] == [str(s) for s in sources]
     assert all(len(e["files"]["model.safetensors"]) == 64 for e in record["experts"])
+    from ckptforge.inspection import inspect_source
+
+    info = inspect_source(str(tmp_path / "moe"))
+    assert info["multisource"] == {"base_model": str(base), "gate_mode": "random",
+                                   "experts": [str(s) for s in sources], "shared_experts": []}
 
 
 def test_output_loads_cleanly_with_transformers_names_and_routes_to_source_ffns(tmp_path):
@@ -259,3 +265,57 @@ def test_shared_expert_for_a_format_without_one_is_refused(tmp_path):
                        shared_experts=[{"source_model": str(sources[0])}])
     msg = _refused(tmp_path, cfg)
     assert "architecture mixtral has no shared expert; remove shared_experts or use architecture qwen2_moe" in msg
+
+
+# --- verify ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_verify_checks_each_expert_against_its_source_and_reports_routing(tmp_path, shared):
+    base, sources = family_setup(tmp_path)
+    extra = {"shared_experts": [{"source_model": str(base), "positive_prompts": ["a mat"], "residual_scale": 0.5}]} if shared else {}
+    cfg = write_config(tmp_path / "moe.yml", base, sources, gate_mode="hidden", prompts=PROMPTS, **extra)
+    out = tmp_path / "moe"
+    upcycle_multisource(load_moe_config(cfg), out)
+    proc = run_cli("verify", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["inputs"] == "3 expert prompts"
+    assert set(report["experts"]) == {"0", "1", "2"} and all(len(v) == 3 for v in report["experts"].values())
+    assert all(e["relative"] <= 1e-6 for v in report["experts"].values() for e in v)
+    assert all(0.0 <= s <= 1.0 for v in report["routing"].values() for s in v)
+    assert bool(report["shared"]) == shared
+
+
+def test_verify_fails_when_an_expert_is_not_its_sources_ffn(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, sources = family_setup(tmp_path, experts=2)
+    out = tmp_path / "moe"
+    upcycle_multisource(load_moe_config(write_config(tmp_path / "moe.yml", base, sources)), out)
+    state = load_file(out / "model.safetensors")
+    a, b = (f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight" for e in (0, 1))
+    state[a], state[b] = state[b], state[a]  # experts swapped: "garbled output"
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    proc = run_cli("verify", str(out), "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert not report["passed"] and report["experts"]["1"][0]["relative"] > 1e-3
+    assert report["experts"]["0"][0]["relative"] <= 1e-6
+
+
+def test_json_output_matches_the_documented_schema_and_verify_flag(tmp_path):
+    import jsonschema
+
+    from ckptforge.cli.schemas import SCHEMAS
+
+    base, sources = family_setup(tmp_path, experts=2)
+    cfg = write_config(tmp_path / "moe.yml", base, sources)
+    dry = run_cli("upcycle", "--config", str(cfg), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    jsonschema.validate(json.loads(dry.stdout), SCHEMAS["upcycle"])
+    proc = run_cli("upcycle", "--config", str(cfg), "--out", str(tmp_path / "moe"), "--verify", "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    jsonschema.validate(payload, SCHEMAS["upcycle"])
+    assert payload["verify"]["passed"] and payload["plan"]["strategy"] == "multi-source"
+    assert payload["plan"]["multisource"]["experts"][1]["source_model"] == str(sources[1])

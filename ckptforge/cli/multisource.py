@@ -13,11 +13,13 @@ from ckptforge.config import parse_size
 from ckptforge.errors import UsageError
 from ckptforge.multisource import MoESpec, load_moe_config, plan_multisource, upcycle_multisource
 from ckptforge.multisource.spec import DTYPE_NAMES, ExpertSpec, native_spec
+from ckptforge.multisource.verify import verify_multisource
 
-from .options import byte_progress, emit_json, show_progress, stderr, stdout
+from .options import byte_progress, emit_json, fail_verification, show_progress, stderr, stdout
 
 #: upcycle flags a multi-source run reads; any other flag the user typed is refused.
 APPLIES = {"source", "out", "top_k", "layers", "seed", "dtype", "shard_size", "force", "dry_run", "as_json", "quiet",
+           "verify", "tol",
            "moe_config", "expert_source", "shared_expert", "gate_mode", "architecture", "no_prompts_in_card"}
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")
 
@@ -54,14 +56,22 @@ def run_multisource(ctx: Any, p: dict[str, Any]) -> None:
                                      force=p["force"], prompts_in_card=not p["no_prompts_in_card"], progress=progress)
     for w in result.warnings:
         stderr.print(f"warning: {w}", markup=False, highlight=False)
+    report = verify_multisource(result.out, tol=p["tol"], seed=p["seed"]) if p["verify"] else None
     payload = {"out": str(result.out), "seconds": round(result.seconds, 3),
                "plan": result.plan.to_dict(prompts=not p["no_prompts_in_card"]), "files": result.files,
-               "warnings": result.warnings}
+               "verify": report.to_dict() if report is not None else None, "warnings": result.warnings}
     if p["as_json"]:
         emit_json(payload)
     elif not p["quiet"]:
         _render(payload["plan"])
         stdout.print(f"wrote [bold]{result.out}[/] ({len(result.files)} files) in {result.seconds:.1f} s")
+        if report is not None:
+            from .verify import render_report
+
+            render_report(report)
+    if report is not None and not report.passed:
+        fail_verification(f"an expert differs from its source's FFN above tolerance {p['tol']:g}; the output was "
+                          f"written to {result.out}", p["as_json"])
 
 
 def _spec(p: dict[str, Any], given: set[str]) -> MoESpec:

@@ -62,7 +62,7 @@ class LayerRunner:
         masks = [self._masks(h, b.get("attention_mask"), p) for h, b, p in zip(hidden, batches, positions)]
         with torch.no_grad():
             for i in range(stop + 1):
-                layer = self._materialise(self.layers[i])
+                layer = self.materialise(self.layers[i])
                 handles = hooks(i, layer) if hooks is not None else []
                 try:
                     for b in range(len(hidden)):
@@ -95,7 +95,8 @@ class LayerRunner:
             out["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return out
 
-    def _materialise(self, module: torch.nn.Module) -> torch.nn.Module:
+    def materialise(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Give ``module`` (a part of the meta model) its weights from the checkpoint; ``to_empty(device="meta")`` frees it."""
         if any(True for _ in module.buffers()):
             raise UsageError(f"{type(module).__name__} keeps buffers the layer-by-layer runner cannot read from the "
                              "checkpoint; this architecture cannot be run layer by layer")
