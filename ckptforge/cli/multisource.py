@@ -21,6 +21,10 @@ from .options import byte_progress, emit_json, fail_verification, show_progress,
 APPLIES = {"source", "out", "top_k", "layers", "seed", "dtype", "shard_size", "force", "dry_run", "as_json", "quiet",
            "verify", "tol",
            "moe_config", "expert_source", "shared_expert", "gate_mode", "architecture", "no_prompts_in_card"}
+#: upcycle flags ``--shared-expert carved`` reads.
+CARVE_APPLIES = {"source", "out", "experts", "top_k", "layers", "seed", "dtype", "shard_size", "force", "as_json",
+                 "quiet", "verify", "tol", "calibration", "calib_samples", "calib_batch_size", "router_init",
+                 "router_init_std", "shared_expert"}
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")
 
 
@@ -31,6 +35,8 @@ def wants_multisource(moe_config: Path | None, expert_source: list[str] | None, 
 def run_multisource(ctx: Any, p: dict[str, Any]) -> None:
     """The multi-source path of ``upcycle``: ``p`` holds its parameters by name."""
     given = {n for n in ctx.params if (s := ctx.get_parameter_source(n)) is not None and s.name in _GIVEN}
+    if list(p["shared_expert"] or []) == ["carved"] and not p["expert_source"] and p["moe_config"] is None:
+        return _run_carve(p, given)
     refused = sorted(given - APPLIES)
     if refused:
         flags = ", ".join("--" + n.replace("_", "-") for n in refused)
@@ -72,6 +78,39 @@ def run_multisource(ctx: Any, p: dict[str, Any]) -> None:
     if report is not None and not report.passed:
         fail_verification(f"an expert differs from its source's FFN above tolerance {p['tol']:g}; the output was "
                           f"written to {result.out}", p["as_json"])
+
+
+def _run_carve(p: dict[str, Any], given: set[str]) -> None:
+    """``upcycle SOURCE --shared-expert carved --calibration DATA``: a CMoE-style carved shared expert."""
+    from ckptforge.multisource.carve import carve_shared_expert
+    from ckptforge.verify import verify_model
+
+    refused = sorted(given - CARVE_APPLIES)
+    if refused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in refused)
+        raise UsageError(f"{flags} {'does' if len(refused) == 1 else 'do'} not apply to --shared-expert carved; drop it")
+    if p["source"] is None or not p["calibration"] or p["out"] is None:
+        raise UsageError("--shared-expert carved needs SOURCE, --calibration DATA (which units fire most) and --out DIR")
+    try:
+        size = parse_size(p["shard_size"])
+    except ValueError as exc:
+        raise UsageError(f"--shard-size: {exc}") from None
+    with byte_progress(0, "writing", show_progress(p["quiet"], p["as_json"])) as progress:
+        record = carve_shared_expert(
+            p["source"], p["out"], num_experts=p["experts"], top_k=p["top_k"], calibration=p["calibration"],
+            layers=p["layers"], calib_samples=p["calib_samples"], calib_batch_size=p["calib_batch_size"],
+            router_init=p["router_init"], router_init_std=p["router_init_std"], seed=p["seed"], dtype=p["dtype"],
+            shard_size=size, force=p["force"], progress=progress)
+    report = verify_model(p["out"], p["source"], tol=p["tol"]) if p["verify"] else None
+    payload = {"out": str(p["out"]), "seconds": record["seconds"], "plan": record["plan"], "files": record["files"],
+               "verify": report.to_dict() if report is not None else None}
+    if p["as_json"]:
+        emit_json(payload)
+    elif not p["quiet"]:
+        stdout.print(f"wrote [bold]{p['out']}[/]: {record['plan']['num_experts']} routed experts of "
+                     f"{record['plan']['expert_width']} units + a shared expert of {record['plan']['shared_expert_width']}")
+    if report is not None and not report.passed:
+        fail_verification(f"verification above tolerance {p['tol']:g}; the output was written to {p['out']}", p["as_json"])
 
 
 def _spec(p: dict[str, Any], given: set[str]) -> MoESpec:

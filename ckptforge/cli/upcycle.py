@@ -86,7 +86,7 @@ def upcycle(
     # --- issue 14: multi-source MoE (mergekit-moe configs) ---
     moe_config: Annotated[Path | None, typer.Option("--config", help="A mergekit-moe YAML (base_model, gate_mode, experts, …), run unchanged; SOURCE is then omitted.")] = None,
     expert_source: Annotated[list[str] | None, typer.Option("--expert-source", help="Expert e's FFN from this model (repeat once per expert); SOURCE gives attention, norms, embeddings and head.")] = None,
-    shared_expert: Annotated[list[str] | None, typer.Option("--shared-expert", help="A Qwen2-MoE shared expert from this model, or 'dense' for the base's own FFN (repeatable: one wider shared FFN).")] = None,
+    shared_expert: Annotated[list[str] | None, typer.Option("--shared-expert", help="A Qwen2-MoE shared expert from this model, 'dense' for the base's own FFN (repeatable: one wider shared FFN), or 'carved' (with --calibration, no --expert-source): the most active units shared, the rest partitioned into --experts.")] = None,
     gate_mode: Annotated[str | None, typer.Option("--gate-mode", help="Router rows: random (default with --expert-source) | uniform_random | cheap_embed | hidden | hidden_avg (prompt modes need --config).")] = None,
     architecture: Annotated[str | None, typer.Option("--architecture", help="Multi-source output: mixtral | qwen2_moe | qwen3_moe (default: the family's choice).")] = None,
     no_prompts_in_card: Annotated[bool, typer.Option("--no-prompts-in-card", help="Record each expert's prompts as a count and sha256, not the text.")] = False,
