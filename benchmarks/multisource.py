@@ -124,7 +124,10 @@ def compare(ours: Path, theirs: Path, layers: int) -> dict:
     b, rb = _per_expert(_tensors(theirs), layers)
     same = set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     cos = [torch.nn.functional.cosine_similarity(ra[i], rb[i], dim=-1).min().item() for i in ra if i in rb]
-    return {"experts_byte_identical": same, "expert_tensors": len(a), "router_min_cosine": min(cos) if cos else None}
+    names = sorted(_tensors(theirs))
+    layout = "packed" if any(n.endswith("experts.gate_up_proj") for n in names) else "per-expert"
+    return {"experts_byte_identical": same, "expert_tensors": len(a), "mergekit_layout": layout,
+            "router_min_cosine": min(cos) if cos else None}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -150,6 +153,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             shutil.rmtree(theirs, ignore_errors=True)
             row["mergekit"] = timed([args.mergekit, str(cfg), str(theirs), "--device", "cpu"])
             row.update(compare(ours, theirs, s["layers"]))
+            if mode not in ("hidden", "hidden_avg", "cheap_embed"):
+                row["router_min_cosine"] = None  # random rows: the two tools draw from different generators
             shutil.rmtree(theirs)
         shutil.rmtree(ours)
         rows.append(row)
