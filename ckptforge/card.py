@@ -19,6 +19,7 @@ _PIPELINES = {
     "BertMoEForMaskedLM": "fill-mask",
     "MixtralForCausalLM": "text-generation",
     "Qwen2MoeForCausalLM": "text-generation",
+    "Qwen3MoeForCausalLM": "text-generation",
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

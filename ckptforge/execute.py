@@ -106,18 +106,21 @@ def upcycle(
 
 def write_tensors(plan: Plan, ckpt: DenseCheckpoint, out_dir: Path, *, stats: Any = None,
                   progress: Progress | None = None, selections: dict[int, LayerSelection] | None = None,
+                  pieces: Callable[[PlannedTensor], Iterator[torch.Tensor] | None] | None = None,
                   ) -> dict[str, str]:
     """Write every planned tensor into its shard; returns shard name → sha256.
 
-    ``selections``, when given, is filled with each MoE layer's strategy answer."""
+    ``selections``, when given, is filled with each MoE layer's strategy answer. ``pieces``, when
+    given, makes the tensors it answers for (not None) instead of the dense source (issue 14)."""
     layers = _LayerMaker(plan, ckpt, stats, selections if selections is not None else {})
+    make = layers.pieces if pieces is None else (lambda t: pieces(t) or layers.pieces(t))
     names = plan.shard_names()
     hashes: dict[str, str] = {}
     weight_map: dict[str, str] = {}
     for shard_name, indices in zip(names, plan.shards, strict=True):
         planned = [plan.tensors[i] for i in indices]
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in planned]
-        chunks = (_counted(layers.pieces(t), progress) for t in planned)
+        chunks = (_counted(make(t), progress) for t in planned)
         hashes[shard_name] = write_shard(out_dir / shard_name, specs, chunks)
         weight_map.update({t.name: shard_name for t in planned})
     if len(names) > 1:

@@ -17,7 +17,7 @@ from ckptforge.io.source import open_checkpoint
 from ckptforge.moe import active_expert_params
 
 #: MoE model types ckptforge writes → the dense family they come from.
-MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama"}
+MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "qwen3"}
 
 
 def inspect_source(ref: str) -> dict[str, Any]:
@@ -69,5 +69,20 @@ def inspect_source(ref: str) -> dict[str, Any]:
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values())),
         "files": {p.name: p.stat().st_size for p in ckpt.weight_files},
     }
+    if is_moe and (provenance := _multisource_record(ckpt.root)) is not None:  # issue 14
+        info["multisource"] = provenance
     ckpt.close()
     return info
+
+
+def _multisource_record(root) -> dict[str, Any] | None:
+    """Gate mode and each expert's source of a multi-source output (issue 14), from its ckptforge.json."""
+    import json
+
+    path = root / "ckptforge.json"
+    record = json.loads(path.read_text()).get("multisource") if path.is_file() else None
+    if not record:
+        return None
+    return {"base_model": record["base_model"]["source"], "gate_mode": record["gate_mode"],
+            "experts": [e["source"] for e in record["experts"]],
+            "shared_experts": [e["source"] for e in record["shared_experts"]]}

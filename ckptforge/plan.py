@@ -131,10 +131,11 @@ class Plan:
 
 
 def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None = None, *,
-               has_stats: bool = False) -> Plan:
+               has_stats: bool = False, output_format: OutputFormat | None = None) -> Plan:
     """Validate ``options`` against ``ckpt`` (all problems at once) and lay out every output tensor.
 
     ``has_stats``: activation statistics are passed in directly (no ``options.calibration`` needed).
+    ``output_format``: one the family offers, instead of the one it picks (issue 14: ``architecture``).
     """
     config = ckpt.config
     family = detect_family(config)
@@ -169,7 +170,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     if problems:
         raise PlanError(problems)
 
-    fmt = family.output_format(config, moe_layers)
+    fmt = output_format or family.output_format(config, moe_layers)
     layout = MoELayout(
         moe_layers=tuple(moe_layers), num_experts=options.num_experts, top_k=options.top_k,
         expert_width=expert_width, router=dict(options.router),

@@ -42,10 +42,13 @@ TINY = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=64)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, max_position_embeddings=64)),
 }
 
 #: A representative tiny model per registered family.
-FAMILY_MODELS = {"vit": "vit", "bert": "bert", "llama": "llama"}
+FAMILY_MODELS = {"vit": "vit", "bert": "bert", "llama": "llama", "qwen3": "qwen3"}
 
 
 def build_tiny(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:

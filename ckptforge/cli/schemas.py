@@ -74,7 +74,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             _obj({"out": _STR, "seconds": _NUM, "plan": {"$ref": "#/$defs/plan"},
                   "files": {"type": "object", "additionalProperties": _STR},
                   "verify": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/verify"}]}},
-                 {"recipe": {"$ref": "#/$defs/recipe"}, "push": {"$ref": "#/$defs/push"}}),
+                 {"recipe": {"$ref": "#/$defs/recipe"}, "push": {"$ref": "#/$defs/push"},
+                  "warnings": _STRS}),  # issue 14: multi-source gate warnings
         ],
     },
     "verify": VERIFY_REPORT,

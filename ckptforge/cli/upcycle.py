@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for
 @with_router_flags
 def upcycle(
     ctx: typer.Context,
-    source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev].")],
+    source: Annotated[str | None, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev] (the base with --expert-source; omitted with --config).")] = None,
     out: OutOpt = None,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
@@ -70,9 +71,26 @@ def upcycle(
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
     # --- issue 12: the card's base_model ---
     base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id to name as the card's base_model (default: the Hub repo the source came from, if any).")] = None,
+    # --- issue 14: multi-source MoE (mergekit-moe configs) ---
+    moe_config: Annotated[Path | None, typer.Option("--config", help="A mergekit-moe YAML (base_model, gate_mode, experts, …), run unchanged; SOURCE is then omitted.")] = None,
+    expert_source: Annotated[list[str] | None, typer.Option("--expert-source", help="Expert e's FFN from this model (repeat once per expert); SOURCE gives attention, norms, embeddings and head.")] = None,
+    shared_expert: Annotated[list[str] | None, typer.Option("--shared-expert", help="A Qwen2-MoE shared expert from this model, 'dense' for the base's own FFN (repeatable: one wider shared FFN), or 'carved' (with --calibration, no --expert-source): the most active units shared, the rest partitioned into --experts.")] = None,
+    gate_mode: Annotated[str | None, typer.Option("--gate-mode", help="Router rows: random (default with --expert-source) | uniform_random | cheap_embed | hidden | hidden_avg (prompt modes need --config).")] = None,
+    architecture: Annotated[str | None, typer.Option("--architecture", help="Multi-source output: mixtral | qwen2_moe | qwen3_moe (default: the family's choice).")] = None,
+    no_prompts_in_card: Annotated[bool, typer.Option("--no-prompts-in-card", help="Record each expert's prompts as a count and sha256, not the text.")] = False,
+    # --- end issue 14 ---
     **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
+    if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported here: it loads torch)
+        from .multisource import run_multisource
+
+        return run_multisource(ctx, locals())
+    if source is None:  # issue 14
+        raise UsageError("SOURCE is required: ckptforge upcycle SOURCE --out DIR (or --config moe.yml for a multi-source MoE)")
+    if gate_mode or architecture or no_prompts_in_card:  # issue 14
+        raise UsageError("--gate-mode, --architecture and --no-prompts-in-card apply to a multi-source MoE; "
+                         "add --expert-source or --config")
     from ckptforge.config import UpcycleOptions, parse_size, router_settings
     from ckptforge.io.source import open_checkpoint
     from ckptforge.plan import build_plan

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from ckptforge.errors import UsageError
+
 from .options import JsonOpt, QuietOpt, SeedOpt, TolOpt, emit_json, fail_verification, stdout
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
@@ -26,7 +28,15 @@ def verify(
     """Run the dense and the MoE model on the same inputs; exit 1 above --tol."""
     from ckptforge.verify import verify_model
 
-    report = verify_model(moe_dir, against, tol=tol, batch_size=batch_size, seed=seed)
+    from ckptforge.multisource.verify import is_multisource, verify_multisource  # issue 14
+
+    if is_multisource(moe_dir):  # issue 14: each expert against its own source
+        if against is not None:
+            raise UsageError("--against does not apply to a multi-source output: each expert is checked against "
+                             "the source named in ckptforge.json; drop --against")
+        report = verify_multisource(moe_dir, tol=tol, seed=seed)
+    else:
+        report = verify_model(moe_dir, against, tol=tol, batch_size=batch_size, seed=seed)
     if as_json:
         emit_json(report.to_dict())
     elif not quiet:
@@ -41,5 +51,8 @@ def render_report(report: VerifyReport) -> None:
         table.add_row(f"layer {layer}", f"{e.max_abs:.3e}", f"{e.relative:.3e}")
     table.add_row("final", f"{report.final.max_abs:.3e}", f"{report.final.relative:.3e}")
     stdout.print(table)
+    for layer, shares in getattr(report, "routing", {}).items():  # issue 14: multi-source outputs
+        stdout.print(f"layer {layer}: share of each expert's prompt tokens routed to it: "
+                     + ", ".join("—" if s is None else f"{s:.2f}" for s in shares))
     verdict = "[green]passed[/]" if report.passed else "[red]above tolerance[/]"
     stdout.print(f"{verdict} (tol {report.tol:g}, {report.inputs})")

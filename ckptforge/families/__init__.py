@@ -13,6 +13,7 @@ from ckptforge.errors import UnsupportedArchitectureError
 from .base import Dims, Family, MoELayout, OutputFormat
 from .bert import BertFamily
 from .llama import LlamaFamily
+from .qwen3 import Qwen3Family
 from .vit import ViTFamily
 
 FAMILIES: dict[str, Family] = {}
@@ -26,7 +27,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _family in (ViTFamily(), BertFamily(), LlamaFamily()):
+for _family in (ViTFamily(), BertFamily(), LlamaFamily(), Qwen3Family()):
     register_family(_family)
 
 

@@ -93,6 +93,10 @@ class Family:
     anchor: str = ""
     #: Router types (``--router``) the family's output format can hold.
     routers: tuple[str, ...] = ("topk",)
+    #: Output formats a user may ask for by name (mergekit-moe's ``architecture``), and those
+    #: refused, with the reason (``{model_type}`` is filled in).
+    offered_formats: dict[str, OutputFormat] = {}
+    refused_formats: dict[str, str] = {}
 
     def why_not(self, config: dict[str, Any]) -> str | None:
         """None when this family handles ``config``, else the reason it does not."""

@@ -50,6 +50,14 @@ _SHARED_KEYS = (
 )
 
 
+#: Why a LLaMA / Mistral / Qwen2 source is never written as Qwen3-MoE (issue 14).
+WHY_NOT_QWEN3_MOE = (
+    "Qwen3-MoE applies RMSNorms to queries and keys (q_norm/k_norm) that a {model_type} checkpoint does not have, "
+    "so the output would compute a different function; use architecture mixtral or qwen2_moe for {model_type} "
+    "sources, or start from a qwen3 checkpoint"
+)
+
+
 class LlamaFamily(Family):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
@@ -61,6 +69,8 @@ class LlamaFamily(Family):
     }
     base_prefixes = ("model.",)
     anchor = "embed_tokens.weight"
+    offered_formats = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
+    refused_formats = {"qwen3_moe": WHY_NOT_QWEN3_MOE}
 
     def check(self, config: dict[str, Any]) -> list[str]:
         problems = []
