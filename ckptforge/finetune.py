@@ -15,6 +15,7 @@ Devices and precision go through accelerate (CUDA + bf16 autocast when present, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -195,6 +196,10 @@ def make_accelerator(device: str, precision: str) -> Any:
         raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or --device auto")
     on_gpu = device != "cpu" and torch.cuda.is_available()
     mixed = {"auto": "bf16" if on_gpu else "no", "fp32": "no", "bf16": "bf16"}[precision]
+    if not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # issue 13
+        raise UsageError("FSDP (an accelerate config with distributed_type FSDP) needs CUDA GPUs: accelerate runs "
+                         "FSDP only on GPU-type devices; on CPU launch without the FSDP config "
+                         "(accelerate launch --multi_gpu --num_processes N starts gloo CPU processes)")
     # cpu=True without a GPU: otherwise accelerate ignores a torchrun / `accelerate launch` world on CPU
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
 
@@ -292,5 +297,6 @@ def _device_info(accelerator: Any, options: FinetuneOptions) -> dict[str, Any]:
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"device": str(dev), "name": name, "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes, "requested": options.device,
+            "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type.value),
+            "requested": options.device,
             "torch": torch.__version__, "threads": torch.get_num_threads()}

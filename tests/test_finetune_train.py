@@ -230,3 +230,17 @@ def test_progress_bar_shows_loss_and_throughput_on_a_tty(mixtral, tmp_path):
     assert "train moe" in text and "3/3" in text and "loss " in text and "/s" in text
     piped = run_cli(*cmd[3:], env=cli_env(OMP_NUM_THREADS="1"))  # not a TTY: no bar
     assert "train moe" not in piped.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; FSDP on GPUs is the GPU check's job")
+def test_fsdp_config_on_cpu_is_refused_not_ignored(mixtral, tmp_path):
+    """accelerate runs FSDP only on GPU-type devices: on CPU an FSDP launch config would silently
+    become plain data parallelism, so finetune refuses it."""
+    res = run_cli("finetune", str(mixtral), "--data", str(tmp_path / "text.txt"), "--steps", "2",
+                  env=cli_env(ACCELERATE_USE_FSDP="true"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: FSDP (an accelerate config with distributed_type FSDP) needs CUDA GPUs: accelerate runs FSDP only "
+        "on GPU-type devices; on CPU launch without the FSDP config (accelerate launch --multi_gpu "
+        "--num_processes N starts gloo CPU processes)")
+    assert not (mixtral / "finetune").exists()
