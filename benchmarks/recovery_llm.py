@@ -5,7 +5,7 @@ stock Mixtral), then runs ``finetune MOE --compare DENSE [--scratch]`` with fine
 optimiser settings (only data, steps, seed, device and report dir are set) for each seed on:
 
 - ``new`` text: ``examples/stdlib-docstrings`` (train.txt / eval.txt), prose the dense model has
-  not seen; runs: MoE, dense continued, MoE from scratch;
+  not seen; runs: MoE, dense continued, and (``--scratch-seeds``, default seed 0) MoE from scratch;
 - ``same`` text: the example's own ``pydoc_data.topics`` split (train / held-out paragraphs);
   runs: MoE, dense continued.
 
@@ -46,17 +46,21 @@ def same_text_files(directory: Path) -> tuple[Path, Path]:
 
 
 def run_setting(moe: Path, text: tuple[Path, Path], seed: int, steps: int, scratch: bool, report: Path) -> dict[str, Any]:
-    """One ``finetune`` with the defaults; returns per-run curves, final loss and tokens/s."""
+    """One ``finetune`` with the defaults (reusing ``report/finetune.json`` when it exists);
+    returns per-run curves, final loss and tokens/s."""
     from ckptforge.finetune import FinetuneOptions, finetune
 
-    options = FinetuneOptions(data=str(text[0]), eval_data=str(text[1]), steps=steps, compare=str(EXAMPLE),
-                              scratch=scratch, seed=seed, device="cpu", report=str(report))
-    result = finetune(moe, options)
+    written = report / "finetune.json"
+    if not written.is_file():
+        options = FinetuneOptions(data=str(text[0]), eval_data=str(text[1]), steps=steps, compare=str(EXAMPLE),
+                                  scratch=scratch, seed=seed, device="cpu", report=str(report))
+        finetune(moe, options)
+    result = json.loads(written.read_text())
     return {
-        "settings": result.settings, "data": result.data, "wall_seconds": result.wall_seconds,
-        "runs": {r.name: {"eval": [(e["step"], e["loss"]) for e in r.eval], "initial": r.eval[0]["loss"],
-                          "final": r.eval[-1]["loss"], "tokens_per_s": r.throughput, "params": r.params}
-                 for r in result.runs},
+        "settings": result["settings"], "data": result["data"], "wall_seconds": result["wall_seconds"],
+        "runs": {r["name"]: {"eval": [(e["step"], e["loss"]) for e in r["eval"]], "initial": r["eval"][0]["loss"],
+                             "final": r["eval"][-1]["loss"], "tokens_per_s": r["throughput"], "params": r["params"]}
+                 for r in result["runs"]},
     }
 
 
@@ -64,9 +68,10 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """Per setting: mean final loss per run, MoE − dense per seed, seed-to-seed spread, tokens/s ratio."""
     out = {}
     for setting, by_seed in results.items():
-        finals = {name: [r["runs"][name]["final"] for r in by_seed.values()] for name in next(iter(by_seed.values()))["runs"]}
+        names = {name for r in by_seed.values() for name in r["runs"]}
+        finals = {name: [r["runs"][name]["final"] for r in by_seed.values() if name in r["runs"]] for name in sorted(names)}
         gaps = [r["runs"]["moe"]["final"] - r["runs"]["dense"]["final"] for r in by_seed.values()]
-        spread = max(max(v) - min(v) for v in finals.values())
+        spread = max((max(v) - min(v) for v in finals.values() if len(v) > 1), default=0.0)
         ratio = [r["runs"]["moe"]["tokens_per_s"] / r["runs"]["dense"]["tokens_per_s"] for r in by_seed.values()]
         out[setting] = {
             "final_loss": finals, "moe_minus_dense": gaps, "seed_spread": spread,
@@ -85,7 +90,8 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], summary: dict[str, A
     names = {"moe": "MoE (upcycled)", "dense": "dense continued", "scratch": "MoE from scratch"}
     for setting, by_seed in results.items():
         for name, run in by_seed[seeds[0]]["runs"].items():
-            finals = " | ".join(f"{by_seed[s]['runs'][name]['final']:.4f}" for s in seeds)
+            finals = " | ".join(f"{by_seed[s]['runs'][name]['final']:.4f}" if name in by_seed[s]["runs"] else "—"
+                                for s in seeds)
             lines.append(f"| {setting} | {names[name]} | {run['initial']:.4f} | {finals} | {run['tokens_per_s']:,.0f} |")
     lines.append("")
     for setting, s in summary.items():
@@ -127,25 +133,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--scratch-seeds", type=int, nargs="*", default=[0],
+                        help="seeds whose new-text finetune also trains the MoE from scratch")
     parser.add_argument("--settings", nargs="+", default=["new", "same"], choices=["new", "same"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="where the JSON, .md and PNG go")
     parser.add_argument("--name", default="recovery-tiny-llama")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the upcycled MoE and each finetune report here; reports already there are reused")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import ckptforge
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         moe = work / "moe"
-        ckptforge.upcycle(EXAMPLE, moe, ckptforge.UpcycleOptions(num_experts=8, top_k=2, layers="all",
-                                                                 strategy="copy-all", seed=0))
+        if not moe.is_dir():
+            ckptforge.upcycle(EXAMPLE, moe, ckptforge.UpcycleOptions(num_experts=8, top_k=2, layers="all",
+                                                                     strategy="copy-all", seed=0))
         texts = {"new": (NEW_TEXT / "train.txt", NEW_TEXT / "eval.txt"), "same": same_text_files(work)}
         results: dict[str, dict[int, dict[str, Any]]] = {}
         for setting in args.settings:
             for seed in args.seeds:
-                res = run_setting(moe, texts[setting], seed, args.steps, setting == "new", work / f"{setting}-{seed}")
+                scratch = setting == "new" and seed in args.scratch_seeds
+                res = run_setting(moe, texts[setting], seed, args.steps, scratch, work / f"{setting}-{seed}")
                 results.setdefault(setting, {})[seed] = res
                 print(f"{setting} seed {seed}: " + ", ".join(f"{n} {r['final']:.4f}" for n, r in res["runs"].items()),
                       flush=True)
