@@ -15,6 +15,7 @@ Devices and precision go through accelerate (CUDA + bf16 autocast when present, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,10 +31,14 @@ from ckptforge.errors import PlanError, SourceError, UsageError
 from ckptforge.io.source import AUX_FILE_PATTERNS, open_checkpoint
 from ckptforge.io.writer import AtomicOutput
 from ckptforge.loading import config_object, load_model, model_class
+from ckptforge.checkpoints import check_resume_dir
+from ckptforge.schedules import SCHEDULES
+from ckptforge.trainable import TRAIN_CHOICES, LoraSettings, apply_lora, apply_train, import_peft, is_lora
 from ckptforge.training import RunResult, StepCallback, TrainSettings, train_run
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+ADAPTER_DIR = "adapter"  # issue 13: --lora adapters (peft format) beside the saved model
 
 
 @dataclass
@@ -58,6 +63,15 @@ class FinetuneOptions:
     save: str | None = None
     report: str | None = None
     force: bool = False
+    # issue 13: what trains, LoRA, schedule, clipping, checkpoints
+    train: str = "all"
+    lora: bool = False
+    lora_rank: int = 8
+    merge_lora: bool = False
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0
+    resume: str | None = None
 
     def problems(self) -> list[str]:
         """Problems that need no model or data to find."""
@@ -78,12 +92,38 @@ class FinetuneOptions:
             out.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             out.append(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        return out + self._training_problems()
+
+    def _training_problems(self) -> list[str]:  # issue 13
+        out = []
+        if self.train not in TRAIN_CHOICES:
+            out.append(f"--train {self.train!r} is not one of {', '.join(TRAIN_CHOICES)}")
+        if self.lora and self.train != "all":
+            out.append(f"--lora trains adapters on the experts and freezes every base weight; drop --train {self.train}")
+        if self.lora and self.scratch:
+            out.append("--lora adapts trained weights; a random-init --scratch run has none to adapt: drop --scratch")
+        if self.lora and self.lora_rank < 1:
+            out.append(f"--lora-rank {self.lora_rank} must be at least 1")
+        if self.merge_lora and not (self.lora and self.save):
+            out.append("--merge-lora folds the adapters into the weights on --save; pass --lora and --save DIR")
+        if self.schedule not in SCHEDULES:
+            out.append(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            out.append(f"--warmup-steps {self.warmup_steps} must be 0 or more")
+        if not self.max_grad_norm >= 0:
+            out.append(f"--max-grad-norm {self.max_grad_norm:g} must be 0 (no clipping) or positive")
+        if self.checkpoint_every < 0:
+            out.append(f"--checkpoint-every {self.checkpoint_every} must be 0 (no checkpoints) or positive")
+        if self.resume is not None:
+            out += check_resume_dir(Path(self.resume))
         return out
 
-    def settings(self) -> TrainSettings:
+    def settings(self, report_dir: Path | None = None) -> TrainSettings:
         every = self.eval_every or max(1, self.steps // 10)
+        checkpoints = str(report_dir / "checkpoint") if self.checkpoint_every and report_dir else None
         return TrainSettings(self.steps, self.lr, self.batch_size, every, self.seed, self.aux_weight,
-                             self.weight_decay, self.warmup_steps)
+                             self.weight_decay, self.warmup_steps, self.schedule, self.max_grad_norm,
+                             self.checkpoint_every, checkpoints, self.resume)
 
 
 @dataclass
@@ -117,19 +157,22 @@ def finetune(model_dir: str | Path, options: FinetuneOptions, on_step: StepCallb
     config = _read_config(model_dir)
     if problems := options.problems():
         raise PlanError(problems)
+    if options.lora:
+        import_peft()  # issue 13: say how to install it before any work
     accelerator = make_accelerator(options.device, options.precision)
     try:
         data = load_task_data(options.data, config, model_dir, eval_data=options.eval_data,
                               seq_len=options.seq_len, seed=options.seed)
         candidates = _candidates(model_dir, config, options, data)
-        settings = options.settings()
+        report_dir = Path(options.report) if options.report else model_dir / "finetune"
+        settings = options.settings(report_dir)
         runs, trained = [], {}
         for name, source, build in candidates:
             model, replaced = build()
+            model = _select_trainable(model, options, name, replaced)
             run, trained[name] = train_run(name, source, model, data, settings, accelerator, on_step)
             run.head_replaced = replaced
             runs.append(run)
-        report_dir = Path(options.report) if options.report else model_dir / "finetune"
         report = FinetuneReport(
             str(model_dir), str(report_dir), asdict(options), asdict(settings), data.to_dict(),
             _device_info(accelerator, options), runs, recovery.summarise(runs, data.task),
@@ -138,7 +181,8 @@ def finetune(model_dir: str | Path, options: FinetuneOptions, on_step: StepCallb
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if options.save:
-                report.saved = str(save_model(trained["moe"], model_dir, Path(options.save), options.force))
+                report.saved = str(save_model(trained["moe"], model_dir, Path(options.save), options.force,
+                                              merge_lora=options.merge_lora))
             recovery.write_outputs(report, model_dir, report_dir)
         accelerator.wait_for_everyone()
         return report
@@ -154,6 +198,10 @@ def make_accelerator(device: str, precision: str) -> Any:
         raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or --device auto")
     on_gpu = device != "cpu" and torch.cuda.is_available()
     mixed = {"auto": "bf16" if on_gpu else "no", "fp32": "no", "bf16": "bf16"}[precision]
+    if not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # issue 13
+        raise UsageError("FSDP (an accelerate config with distributed_type FSDP) needs CUDA GPUs: accelerate runs "
+                         "FSDP only on GPU-type devices; on CPU launch without the FSDP config "
+                         "(accelerate launch --multi_gpu --num_processes N starts gloo CPU processes)")
     # cpu=True without a GPU: otherwise accelerate ignores a torchrun / `accelerate launch` world on CPU
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
 
@@ -190,6 +238,14 @@ def _candidates(model_dir: Path, config: dict[str, Any], options: FinetuneOption
     return runs
 
 
+def _select_trainable(model: nn.Module, options: FinetuneOptions, run: str, head_replaced: bool) -> nn.Module:
+    """--train freezes outside the chosen role; --lora wraps the model in peft adapters (issue 13)."""
+    if options.lora:
+        torch.manual_seed(options.seed)  # the adapters' init: same seed, same adapters
+        return apply_lora(model, LoraSettings(options.lora_rank), run, head_replaced)
+    return apply_train(model, options.train, run, head_replaced)
+
+
 def _from_scratch(config: dict[str, Any], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return model_class(config)(config_object(config))
@@ -219,15 +275,20 @@ def _weights_path(ckpt: Any) -> Path:
     return ckpt.root
 
 
-def save_model(model: nn.Module, model_dir: Path, out: Path, force: bool = False) -> Path:
+def save_model(model: nn.Module, model_dir: Path, out: Path, force: bool = False, merge_lora: bool = False) -> Path:
     """Save the fine-tuned MoE to ``out`` (atomic) with the model dir's remote code and preprocessor files.
+    A ``--lora`` model is saved as its frozen base plus peft's adapter in ``out/adapter``, or with the
+    adapters folded into the weights (``merge_lora``).
 
         >>> save_model(model, Path("out/moe"), Path("out/moe-ft"))        # doctest: +SKIP
     """
     target = AtomicOutput(out, force)
     target.check()
     with target as tmp:
-        model.save_pretrained(tmp)
+        if is_lora(model) and not merge_lora:
+            model.save_pretrained(tmp / ADAPTER_DIR)
+        base = (model.merge_and_unload() if merge_lora else model.unload()) if is_lora(model) else model
+        base.save_pretrained(tmp)
         for f in model_dir.iterdir():
             if f.suffix == ".py" or f.name in AUX_FILE_PATTERNS:
                 shutil.copyfile(f, tmp / f.name)
@@ -238,5 +299,6 @@ def _device_info(accelerator: Any, options: FinetuneOptions) -> dict[str, Any]:
     dev = accelerator.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"device": str(dev), "name": name, "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes, "requested": options.device,
+            "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type.value),
+            "requested": options.device,
             "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -11,6 +11,7 @@ order, batch size, steps and optimiser; only the model differs.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -18,10 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ckptforge.checkpoints import load_checkpoint, save_checkpoint
 from ckptforge.datasets import TaskData
+from ckptforge.errors import UsageError
+from ckptforge.schedules import lr_factor
 
-#: (run name, step, total steps, train loss) → None; called on the main process only.
-StepCallback = Callable[[str, int, int, float], None]
+#: (run name, step, total steps, train loss, throughput in data units/s) → None; main process only.
+StepCallback = Callable[[str, int, int, float, float], None]
 
 
 @dataclass
@@ -38,6 +42,12 @@ class TrainSettings:
     aux_weight: float | None
     weight_decay: float
     warmup_steps: int
+    # issue 13: schedule, clipping, checkpoints
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    resume_dir: str | None = None
 
 
 @dataclass
@@ -54,6 +64,8 @@ class RunResult:
     throughput: float = 0.0
     unit: str = ""
     head_replaced: bool = False
+    trainable: int = 0
+    resumed_from: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +74,7 @@ class RunResult:
 def train_run(name: str, source: str, model: nn.Module, data: TaskData, settings: TrainSettings,
               accelerator: Any, on_step: StepCallback | None = None) -> tuple[RunResult, nn.Module]:
     """Train ``model`` for ``settings.steps`` steps on ``data``, evaluating along the way; return the
-    curves and the trained (unwrapped) model."""
+    curves and the trained (unwrapped) model. Only parameters with ``requires_grad`` train."""
     torch.manual_seed(settings.seed)
     if settings.aux_weight is not None:
         set_aux_weight(model, settings.aux_weight)
@@ -70,36 +82,33 @@ def train_run(name: str, source: str, model: nn.Module, data: TaskData, settings
     loader = DataLoader(data.train, batch_size=settings.batch_size, shuffle=True, generator=order,
                         drop_last=len(data.train) >= settings.batch_size)
     eval_loader = DataLoader(data.eval, batch_size=settings.batch_size)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    warmup = max(settings.warmup_steps, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / warmup))
+    run = RunResult(name, source, sum(p.numel() for p in model.parameters()), unit=data.task.unit,
+                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lr_factor(settings.schedule, settings.warmup_steps, settings.steps))
+    resumed = _resume(run, model, optimiser, schedule, settings)
     model, optimiser, loader, eval_loader, schedule = accelerator.prepare(
         model, optimiser, loader, eval_loader, schedule)
-    run = RunResult(name, source, sum(p.numel() for p in model.parameters()), unit=data.task.unit)
     step_fn = STEP_FNS[data.task.name]
-    run.eval.append(evaluate(model, eval_loader, step_fn, accelerator, 0))
-    batches, examples, seconds = _forever(loader), 0, 0.0
-    for step in range(1, settings.steps + 1):
-        start = time.perf_counter()
-        model.train()
-        batch = next(batches)
-        with accelerator.autocast():
-            loss, losses, aux = training_loss(model, batch, step_fn)
-        accelerator.backward(loss)
-        optimiser.step()
-        schedule.step()
-        optimiser.zero_grad()
-        seconds += time.perf_counter() - start
-        examples += len(losses)
-        record = {"step": step, "loss": accelerator.reduce(losses.detach().mean(), "mean").item()}
-        if aux is not None:
-            record["aux_loss"] = accelerator.reduce(aux.detach().float(), "mean").item()
-        run.train.append(record)
+    if resumed is None:
+        run.eval.append(evaluate(model, eval_loader, step_fn, accelerator, 0))
+    batches = _forever(loader)
+    for _ in range(run.resumed_from):  # replay the data order up to the checkpoint
+        next(batches)
+    if resumed is not None:
+        torch.set_rng_state(resumed["rng"])
+    loop = _Loop(run, model, optimiser, schedule, settings, accelerator, step_fn, data)
+    for step in range(run.resumed_from + 1, settings.steps + 1):
+        loop.step(step, next(batches))
         if on_step is not None and accelerator.is_main_process:
-            on_step(name, step, settings.steps, record["loss"])
+            on_step(name, step, settings.steps, run.train[-1]["loss"], loop.throughput())
         if step % settings.eval_every == 0 or step == settings.steps:
             run.eval.append(evaluate(model, eval_loader, step_fn, accelerator, step))
-    _finish(run, accelerator, examples, seconds, data)
+        if settings.checkpoint_every and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            _checkpoint(run, model, optimiser, schedule, settings, accelerator, step)
+    _finish(run, accelerator, loop.examples, loop.seconds, data)
     return run, accelerator.unwrap_model(model)
 
 
@@ -124,6 +133,71 @@ def set_aux_weight(model: nn.Module, weight: float) -> None:
     config = _config(model)
     if config is not None and hasattr(config, "router_aux_loss_coef"):
         config.router_aux_loss_coef = float(weight)
+
+
+class _Loop:
+    """One optimiser step at a time: forward, loss (+ weighted router aux loss), backward, clip, step."""
+
+    def __init__(self, run: RunResult, model: nn.Module, optimiser: Any, schedule: Any, settings: TrainSettings,
+                 accelerator: Any, step_fn: Callable, data: TaskData):
+        self.run, self.model, self.optimiser, self.schedule = run, model, optimiser, schedule
+        self.settings, self.accelerator, self.step_fn = settings, accelerator, step_fn
+        self.per_example = data.seq_len if data.task.name == "causal-lm" else 1
+        self.examples, self.seconds = 0, 0.0
+
+    def step(self, step: int, batch: Any) -> None:
+        start = time.perf_counter()
+        self.model.train()
+        with self.accelerator.autocast():
+            loss, losses, aux = training_loss(self.model, batch, self.step_fn)
+        self.accelerator.backward(loss)
+        lr = self.schedule.get_last_lr()[0]
+        norm = None
+        if self.settings.max_grad_norm > 0:  # the norm before clipping
+            norm = self.accelerator.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.settings.max_grad_norm)
+        self.optimiser.step()
+        self.schedule.step()
+        self.optimiser.zero_grad()
+        self.seconds += time.perf_counter() - start
+        self.examples += len(losses)
+        record = {"step": step, "loss": self.accelerator.reduce(losses.detach().mean(), "mean").item(), "lr": lr}
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        if aux is not None:
+            record["aux_loss"] = self.accelerator.reduce(aux.detach().float(), "mean").item()
+        self.run.train.append(record)
+
+    def throughput(self) -> float:
+        """This process's data units (tokens, images, sequences) per second so far."""
+        return self.examples * self.per_example / self.seconds if self.seconds else 0.0
+
+
+def _resume(run: RunResult, model: nn.Module, optimiser: Any, schedule: Any,
+            settings: TrainSettings) -> dict[str, Any] | None:
+    """Load ``run``'s state from ``settings.resume_dir`` (weights, optimiser, schedule, curves)."""
+    if settings.resume_dir is None:
+        return None
+    state = load_checkpoint(Path(settings.resume_dir), run.name, model)
+    if state is None:
+        return None
+    if state["step"] > settings.steps:
+        raise UsageError(f"--resume {settings.resume_dir}: the {run.name} run is already at step {state['step']}, "
+                         f"past --steps {settings.steps}; pass --steps {state['step']} or more")
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    run.train, run.eval, run.resumed_from = state["train"], state["eval"], state["step"]
+    return state
+
+
+def _checkpoint(run: RunResult, model: nn.Module, optimiser: Any, schedule: Any, settings: TrainSettings,
+                accelerator: Any, step: int) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                 "rng": torch.get_rng_state(), "train": run.train, "eval": run.eval}
+        save_checkpoint(Path(settings.checkpoint_dir), run.name, accelerator.unwrap_model(model), state)
+    accelerator.wait_for_everyone()
 
 
 def evaluate(model: nn.Module, loader: DataLoader, step_fn: Callable, accelerator: Any, step: int) -> dict[str, float]:

@@ -35,6 +35,16 @@ def finetune(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    # --- issue 13: what trains, LoRA, schedule, clipping, checkpoints ---
+    train: Annotated[str, typer.Option("--train", help="Weights to train: all | router | experts (the rest stay frozen).")] = "all",
+    lora: Annotated[bool, typer.Option("--lora", help="Train peft LoRA adapters on the experts; base weights frozen.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r (alpha = 2r).")] = 8,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Fold the LoRA adapters into the weights on --save.")] = False,
+    schedule: Annotated[str, typer.Option("--schedule", help="Learning-rate schedule: constant | cosine | inverse-sqrt.")] = "constant",
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warm-up steps before the schedule.")] = 0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm (0: no clipping).")] = 1.0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write REPORT/checkpoint every N steps (0: never).")] = 0,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue from a --checkpoint-every directory.")] = None,
 ) -> None:
     """Train the MoE (and --compare dense, --scratch) for a few steps; write curves and a Recovery table."""
     from ckptforge.finetune import FinetuneOptions
@@ -45,6 +55,9 @@ def finetune(
         eval_every=eval_every, eval_data=eval_data, seed=seed, device=device, precision=precision,
         seq_len=seq_len, aux_weight=aux_weight, save=str(save) if save else None,
         report=str(report) if report else None, force=force,
+        train=train, lora=lora, lora_rank=lora_rank, merge_lora=merge_lora, schedule=schedule,  # issue 13
+        warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, checkpoint_every=checkpoint_every,
+        resume=str(resume) if resume else None,
     )
     with _live(show_progress(quiet, as_json)) as on_step:
         result = run_finetune(model_dir, options, on_step=on_step)
@@ -64,7 +77,7 @@ def _is_main() -> bool:
 
 @contextmanager
 def _live(enabled: bool) -> Iterator[Any]:
-    """A rich progress bar per run on stderr showing the train loss; a no-op when disabled."""
+    """A rich progress bar per run on stderr showing the train loss and throughput; a no-op when disabled."""
     if not enabled:
         yield None
         return
@@ -72,12 +85,13 @@ def _live(enabled: bool) -> Iterator[Any]:
 
     tasks: dict[str, Any] = {}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  "loss {task.fields[loss]:.4f}", TimeRemainingColumn(), console=stderr) as bar:
+                  "loss {task.fields[loss]:.4f}", "{task.fields[speed]:,.0f}/s", TimeRemainingColumn(),
+                  console=stderr) as bar:
 
-        def on_step(run: str, step: int, total: int, loss: float) -> None:
+        def on_step(run: str, step: int, total: int, loss: float, speed: float) -> None:
             if run not in tasks:
-                tasks[run] = bar.add_task(f"train {run}", total=total, loss=float("nan"))
-            bar.update(tasks[run], completed=step, loss=loss)
+                tasks[run] = bar.add_task(f"train {run}", total=total, loss=float("nan"), speed=0.0)
+            bar.update(tasks[run], completed=step, loss=loss, speed=speed)
 
         yield on_step
 
