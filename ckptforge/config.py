@@ -45,6 +45,8 @@ class UpcycleOptions:
     stats_cache: str | None = None
     # --- issue 6 (recipes): the resolved recipe (name, file hash, values, overrides), or None ---
     recipe: dict[str, Any] | None = None
+    # --- issue 13: cross-size recycling: experts sliced from this wider dense teacher ---
+    teacher: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

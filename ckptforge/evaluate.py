@@ -115,6 +115,12 @@ class EvalReport:
         d["ckptforge_version"] = __version__
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        """The report back from ``to_dict`` (``eval --json``), e.g. to plot several seeds together."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "rows"}
+        return cls(**fields, rows=[EvalRow(**r) for r in d["rows"]])
+
 
 def parse_capacity_factors(text: str) -> list[float]:
     """'0.25,0.5,1,2' → [0.25, 0.5, 1.0, 2.0]; anything else raises UsageError.

@@ -81,12 +81,15 @@ def upcycle(
     # --- issue 6: recipes and Hub push ---
     recipe: Annotated[str | None, typer.Option("--recipe", help="A recipe name (ckptforge recipes list) or YAML path; explicit flags override its values.")] = None,
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
+    # --- issue 13: cross-size recycling (MoE Jetpack) ---
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration).")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
     try:
         size = parse_size(shard_size)
     except ValueError as exc:
         raise UsageError(f"--shard-size: {exc}") from None
+    strategy = strategy or ("importance" if teacher else None)  # issue 13: --teacher
     strategy = strategy or (SLOT_ROUTER_STRATEGY if router in ("soft", "sphero") and calibration else "copy-all")
     settings = router_settings(
         router, capacity_factor=capacity_factor, bpr=bpr, noise_std=router_noise, aux_loss_weight=aux_loss_weight,
@@ -100,6 +103,7 @@ def upcycle(
         router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
         calibration=calibration, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
         stats_cache=str(stats_cache) if stats_cache else None,
+        teacher=teacher,  # issue 13
     )
     if recipe is not None:  # issue 6
         options = apply_recipe(ctx, recipe, options)
