@@ -26,8 +26,9 @@ from ckptforge.calibration_data import CalibrationSet
 from ckptforge.errors import CalibrationError
 from ckptforge.io.source import DenseCheckpoint
 
-#: What :class:`LayerStats` can accumulate: per-unit scores, co-activation counts, input centroids.
-NEEDS = ("scores", "coactivation", "centroids")
+#: What :class:`LayerStats` can accumulate: per-unit scores, co-activation counts, input centroids,
+#: per-channel energy of the FFN input (cross-size recycling picks channels with it; issue 13).
+NEEDS = ("scores", "coactivation", "centroids", "channels")
 
 
 def coactivation_counts(fired: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,7 @@ class LayerStats:
         self.coactivation = torch.zeros(n, n, dtype=count_dtype, device=device) if "coactivation" in needs else None
         self.input_sums = torch.zeros(n, d, dtype=torch.float64, device=device) if "centroids" in needs else None
         self.input_total = torch.zeros(d, dtype=torch.float64, device=device) if "centroids" in needs else None
+        self.input_sq = torch.zeros(d, dtype=torch.float64, device=device) if "channels" in needs else None  # issue 13
 
     @property
     def l2(self) -> torch.Tensor:
@@ -96,14 +98,16 @@ class LayerStats:
         if self.coactivation is not None:
             self.coactivation += coactivation_counts(fired).to(self.coactivation.dtype)
             self.coactivation.fill_diagonal_(0)
+        if getattr(self, "input_sq", None) is not None and inputs is not None:  # issue 13
+            self.input_sq += inputs.float().square().sum(0).double()
         if self.input_sums is not None and inputs is not None:
             x = inputs.float()
             self.input_sums += (a.abs().T @ x).double()
             self.input_total += x.sum(0).double()
 
     def to(self, device: str | torch.device) -> LayerStats:
-        for name in ("l1", "sq", "count", "coactivation", "input_sums", "input_total"):
-            if getattr(self, name) is not None:
+        for name in ("l1", "sq", "count", "coactivation", "input_sums", "input_total", "input_sq"):
+            if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -192,7 +196,7 @@ def collect_stats(ckpt: DenseCheckpoint, data: CalibrationSet, layers: list[int]
     dims = family.dims(ckpt.config)
     model = load_model(dense_weights_path(ckpt), ckpt.config).to(device)
     result = {i: LayerStats(dims.intermediate_size, dims.hidden_size, threshold, needs, device) for i in layers}
-    runner = _HookedForward(model, family, layers, result, "centroids" in needs)
+    runner = _HookedForward(model, family, layers, result, bool(needs & {"centroids", "channels"}))
     with torch.no_grad(), runner.hooked():
         for batch in data.batches(0, stop):
             runner.forward({k: v.to(device) for k, v in batch.items()})
@@ -277,6 +281,8 @@ def needed_stats(options: Any) -> set[str]:
     needs = strategy.stats_needed(options.strategy_params) if strategy is not None else set()
     if options.router_init == "centroid":
         needs |= {"scores", "centroids"}
+    if getattr(options, "teacher", None):  # issue 13: the teacher's FFN-input channels
+        needs |= {"channels"}
     return needs
 
 
@@ -310,6 +316,8 @@ def statistics_for(ckpt: DenseCheckpoint, options: Any, moe_layers: list[int], m
 
 def missing_calibration_message(options: Any) -> str:
     what = f"--strategy {options.strategy}" if options.router_init != "centroid" else "--router-init centroid"
+    if getattr(options, "teacher", None):  # issue 13
+        what = "--teacher (its FFN-input channels are chosen by importance)"
     return (f"{what} needs activation statistics; pass --calibration PATH "
             "(a folder of images, a .txt/.jsonl file or a dataset)")
 

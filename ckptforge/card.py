@@ -92,6 +92,7 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         f"| parameters total / active | {plan.params_total:,} / {plan.params_active:,} |",
         f"| seed | {o.seed} |",
         *_calibration_rows(calibration),
+        *_teacher_rows(plan, calibration),  # issue 13
         "",
         "## Verification",
         "",
@@ -105,6 +106,21 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _teacher_rows(plan: Any, calibration: dict | None) -> list[str]:
+    """Cross-size recycling (issue 13): which teacher the experts come from, and on which channels."""
+    teacher = getattr(plan, "teacher", None)
+    if not teacher:
+        return []
+    channels = (calibration or {}).get("teacher_channels") or []
+    shown = ", ".join(map(str, channels[:16])) + (", …" if len(channels) > 16 else "")
+    return [
+        f"| experts recycled from | `{teacher['source']}` (d {teacher['hidden_size']}, d_ff "
+        f"{teacher['intermediate_size']}): hidden units by {plan.options.strategy}, {len(channels)} of "
+        f"{teacher['hidden_size']} channels by importance at its FFN input; every other weight from the student |",
+        f"| teacher channels | {shown} (all in `ckptforge.json`, `teacher.channels`) |",
+    ]
 
 
 def _calibration_rows(calibration: dict | None) -> list[str]:

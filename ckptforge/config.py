@@ -53,8 +53,12 @@ class UpcycleOptions:
     stats_cache: str | None = None
     # --- issue 6 (recipes): the resolved recipe (name, file hash, values, overrides), or None ---
     recipe: dict[str, Any] | None = None
+    # --- issue 13: cross-size recycling: experts sliced from this wider dense teacher ---
+    teacher: str | None = None
 
     def __post_init__(self) -> None:
+        if self.strategy is None and self.teacher:  # MoE Jetpack's cross-size recipe samples by importance
+            self.strategy = "importance"
         if self.strategy is None:
             slot_router = self.router.get("type") in ("soft", "sphero")
             self.strategy = SLOT_ROUTER_STRATEGY if slot_router and self.calibration else "copy-all"

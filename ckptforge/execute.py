@@ -75,15 +75,17 @@ def upcycle(
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     target = AtomicOutput(out, force)
     target.check()
+    teacher = open_checkpoint(options.teacher) if options.teacher else None  # issue 13: cross-size
     if stats is None:
         from ckptforge.calibration import statistics_for
         from ckptforge.families import FAMILIES
 
-        stats = statistics_for(ckpt, options, plan.moe_layers, FAMILIES[plan.family].modality)
+        stats = statistics_for(teacher or ckpt, options, plan.moe_layers, FAMILIES[plan.family].modality)
     selections: dict[int, LayerSelection] = {}
     with ThreadPoolExecutor(max_workers=1) as pool, target as tmp:
         source_hashes = pool.submit(ckpt.file_hashes)  # reads the source again; overlaps the writing
-        shard_hashes = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress, selections=selections)
+        shard_hashes = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress, selections=selections,
+                                     teacher=teacher)
         (tmp / "config.json").write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
         if plan.output_format.remote_module:
             write_remote_code(plan.output_format.remote_module, tmp)
@@ -95,9 +97,14 @@ def upcycle(
             report = verify_model(tmp, against=ckpt, tol=tol, options=options.to_dict())
             report.moe_dir = str(out)
         calibration = _calibration_record(stats, selections)
+        if teacher is not None:  # issue 13: the card names the teacher and its channels
+            calibration = {**(calibration or {}), "teacher_channels": _channels(selections)}
         (tmp / "README.md").write_text(render_card(plan, ckpt, report, calibration, base_model))
         provenance = _provenance(plan, ckpt, source_hashes.result(), tmp, shard_hashes, report)
         provenance["calibration"] = calibration
+        if teacher is not None:  # issue 13
+            provenance["teacher"] = {**plan.teacher, "files": teacher.file_hashes(), "channels": _channels(selections)}
+            teacher.close()
         (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     ckpt.close()
     return UpcycleResult(out, plan, provenance["files"], time.perf_counter() - start, report, provenance,
@@ -107,12 +114,13 @@ def upcycle(
 def write_tensors(plan: Plan, ckpt: DenseCheckpoint, out_dir: Path, *, stats: Any = None,
                   progress: Progress | None = None, selections: dict[int, LayerSelection] | None = None,
                   pieces: Callable[[PlannedTensor], Iterator[torch.Tensor] | None] | None = None,
-                  ) -> dict[str, str]:
+                  teacher: DenseCheckpoint | None = None) -> dict[str, str]:
     """Write every planned tensor into its shard; returns shard name → sha256.
 
     ``selections``, when given, is filled with each MoE layer's strategy answer. ``pieces``, when
-    given, makes the tensors it answers for (not None) instead of the dense source (issue 14)."""
-    layers = _LayerMaker(plan, ckpt, stats, selections if selections is not None else {})
+    given, makes the tensors it answers for (not None) instead of the dense source (issue 14);
+    ``teacher``: the experts are sliced from its FFNs (cross-size recycling, issue 13)."""
+    layers = _LayerMaker(plan, ckpt, stats, selections if selections is not None else {}, teacher)
     make = layers.pieces if pieces is None else (lambda t: pieces(t) or layers.pieces(t))
     names = plan.shard_names()
     hashes: dict[str, str] = {}
@@ -144,12 +152,21 @@ def generator_for(seed: int, *keys: object) -> torch.Generator:
 class _LayerMaker:
     """Produces each planned tensor's data; reads a MoE layer's dense FFN once and caches it."""
 
-    def __init__(self, plan: Plan, ckpt: DenseCheckpoint, stats: Any, selections: dict[int, LayerSelection]):
+    def __init__(self, plan: Plan, ckpt: DenseCheckpoint, stats: Any, selections: dict[int, LayerSelection],
+                 teacher: DenseCheckpoint | None = None):
         from ckptforge.families import FAMILIES
 
         self.plan, self.ckpt, self.stats, self.selections = plan, ckpt, stats, selections
         self.family = FAMILIES[plan.family]
         self.canonical = self.family.canonical_names(list(ckpt.tensors))
+        # issue 13: the FFNs the experts come from (a wider teacher's, on d_student of its channels)
+        self.ffn_ckpt, self.ffn_canonical, self.ffn_prefix, self.channels = ckpt, self.canonical, plan.source_prefix, None
+        if teacher is not None:
+            from ckptforge.cross_size import choose_channels
+
+            self.ffn_ckpt, self.ffn_canonical = teacher, self.family.canonical_names(list(teacher.tensors))
+            self.ffn_prefix = self.family.base_prefix(set(self.ffn_canonical))
+            self.channels = choose_channels(stats, plan.moe_layers, plan.dims.hidden_size)
         self.strategy = STRATEGIES[plan.options.strategy]
         self._layer: int | None = None
         self._ffn: DenseFFN | None = None
@@ -194,7 +211,7 @@ class _LayerMaker:
             init = sel.experts[e]
             if group.width < init.units.numel():
                 keep = torch.linspace(0, init.units.numel() - 1, group.width).round().long()
-                init = ExpertInit(init.units[keep])
+                init = ExpertInit(init.units[keep], channels=init.channels)
             one = LayerSelection([init], sel.down_bias_scale, sel.noise_std)
             x = expert_tensor(ffn, one, 0, t.role, generator_for(opts.seed, t.layer, t.group, i, t.role))
             if group.channel_blocks > 1:
@@ -218,8 +235,9 @@ class _LayerMaker:
         if self._layer != layer:
             self._ffn = self._selection = None
             _trim_heap()
-            names = self.family.ffn_names(self.plan.source_prefix, layer)
-            weights = {role: self.ckpt.read(self.canonical[n]) for role, n in names.items() if n in self.canonical}
+            names = self.family.ffn_names(self.ffn_prefix, layer)
+            weights = {role: self.ffn_ckpt.read(self.ffn_canonical[n]) for role, n in names.items()
+                       if n in self.ffn_canonical}
             self._ffn = DenseFFN(weights)
             opts = self.plan.options
             layer_stats = self.stats.layer(layer) if self.stats is not None else None
@@ -231,6 +249,8 @@ class _LayerMaker:
             self._selection = self.strategy.select(
                 self._ffn, recycled, params, layer_stats, generator_for(opts.seed, layer, "select")
             )
+            for expert in self._selection.experts if self.channels is not None else []:  # issue 13
+                expert.channels = self.channels
             self._layer = layer
             self.selections[layer] = self._selection
         return self._ffn, self._selection
@@ -272,8 +292,10 @@ def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g:
 
 
 def _expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator) -> torch.Tensor:
-    w = ffn.weights[role]
+    from ckptforge.cross_size import slice_channels
+
     init = sel.experts[expert]
+    w = slice_channels(ffn.weights[role], role, init.channels)  # issue 13: a teacher's channels
     if role == "down_bias":
         return w * sel.down_bias_scale if sel.down_bias_scale != 1.0 else w
     full = init.units.numel() == w.shape[-1 if role == "down" else 0] and bool(
@@ -295,6 +317,12 @@ def _expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g
     if sel.noise_std > 0 and not role.endswith("bias"):
         t = (t.float() + torch.randn(t.shape, generator=g) * sel.noise_std).to(t.dtype)
     return t
+
+
+def _channels(selections: dict[int, LayerSelection]) -> list[int] | None:
+    """The teacher channels the experts keep (one set for every layer), as a list."""
+    first = next((sel.experts[0].channels for sel in selections.values() if sel.experts), None)
+    return first.tolist() if first is not None else None
 
 
 def _calibration_record(stats: Any, selections: dict[int, LayerSelection]) -> dict[str, Any] | None:

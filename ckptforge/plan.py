@@ -74,6 +74,7 @@ class Plan:
     shards: list[list[int]]
     dropped: list[str] = field(default_factory=list)
     free_bytes: int | None = None
+    teacher: dict[str, Any] | None = None  # issue 13: cross-size recycling
 
     @property
     def params_total(self) -> int:
@@ -123,6 +124,7 @@ class Plan:
             "bytes_to_write": self.bytes_to_write,
             "free_bytes": self.free_bytes,
             "dropped_tensors": self.dropped,
+            "teacher": self.teacher,
             "moe_tensors": [
                 {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                 for t in self.tensors if t.op in ("expert", "router")
@@ -167,6 +169,15 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     if prefix is not None:
         problems += _missing_ffn(family, prefix, moe_layers, canonical)
     problems += _router_problems(family, options, dims, problems)
+    teacher = None
+    if options.teacher:  # issue 13: cross-size recycling
+        from ckptforge.cross_size import teacher_problems
+        from ckptforge.io.source import open_checkpoint
+
+        teacher_ckpt = open_checkpoint(options.teacher)
+        teacher, found = teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers)
+        teacher_ckpt.close()
+        problems += found
     if problems:
         raise PlanError(problems)
 
@@ -182,7 +193,8 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     tensors, dropped = _lay_out(ckpt, family, fmt, dims, prefix, canonical, moe_layers, options,
                                 expert_width, out_config)
     plan = Plan(ckpt.source, family.name, fmt, dims, moe_layers, options, expert_width, prefix,
-                out_config, tensors, _shard(tensors, options.shard_size), dropped)
+                out_config, tensors, _shard(tensors, options.shard_size), dropped,
+                teacher=teacher.to_dict() if teacher else None)
     if out is not None:
         plan.free_bytes = _free_bytes(out)
         if plan.free_bytes < plan.bytes_to_write:

@@ -83,6 +83,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--holdout-per-class", type=int, default=50,
                         help="held-out images per digit (all of them are exported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=64,
+                        help="model width d (128: the 2x wider teacher of examples/tiny-vit-mnist-wide)")
+    parser.add_argument("--intermediate-size", type=int, default=None,
+                        help="MLP width d_ff (default 4 x --hidden-size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--skip-images", action="store_true",
                         help="do not write PNGs nor run the PNG round-trip evaluation")
@@ -134,16 +138,16 @@ def to_pixel_values(images: np.ndarray) -> torch.Tensor:
     return (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
-def build_model() -> ViTForImageClassification:
+def build_model(hidden_size: int = 64, intermediate_size: int | None = None) -> ViTForImageClassification:
     """Create the tiny ViT classifier (weights from the current torch seed)."""
     config = ViTConfig(  # type: ignore[call-arg]  # num_labels etc. go via **kwargs
         image_size=IMAGE_SIZE,
         patch_size=7,
         num_channels=1,
-        hidden_size=64,
+        hidden_size=hidden_size,
         num_hidden_layers=4,
         num_attention_heads=4,
-        intermediate_size=256,
+        intermediate_size=intermediate_size or 4 * hidden_size,
         num_labels=NUM_CLASSES,
         id2label={i: str(i) for i in range(NUM_CLASSES)},
         label2id={str(i): i for i in range(NUM_CLASSES)},
@@ -307,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"(seed {args.seed}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
 
     torch.manual_seed(args.seed)
-    model = build_model()
+    model = build_model(args.hidden_size, args.intermediate_size)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: ViTForImageClassification, {n_params:,} parameters")
 

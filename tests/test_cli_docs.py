@@ -78,6 +78,8 @@ CASES = {
     "finetune": lambda d, c, t, m: ([["finetune", str(shutil.copytree(c, t / "tuned")), "--data", str(
         make_image_folder(t / "imgs", per_class=4)), "--steps", "1", "--batch-size", "4", "--device", "cpu"]], None),
     "recipes show": lambda d, c, t, m: ([["recipes", "show", "mixtral-llama"]], None),
+    "eval": lambda d, c, t, m: ([["eval", str(c), "--data", str(make_image_folder(t / "ten", classes=10, per_class=1)),
+                                 "--capacity-factor", "0.5", "--out", str(t / "sweep.png")]], None),  # issue 13
     "routes": lambda d, c, t, m: ([["routes", str(c), "--input", str(_digit_png(t / "digit.png")),
                                     "--out", str(t / "routes.png")]], None),
 }

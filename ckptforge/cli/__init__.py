@@ -23,6 +23,7 @@ from . import routes as routes_cmd
 from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
 from . import docs as docs_cmd, push as push_cmd, recipes as recipes_cmd  # issue 6
+from . import eval as eval_cmd  # issue 13: eval
 from .errors import BAD_USAGE, exit_code_for, message_for
 from .options import emit_json
 
@@ -39,6 +40,7 @@ app.command()(inspect_cmd.inspect)
 app.command("compare-strategies")(compare_cmd.compare)
 app.command()(finetune_cmd.finetune)  # issue 5: finetune
 app.command()(routes_cmd.routes)
+app.command("eval")(eval_cmd.eval_model)  # issue 13: eval
 app.command()(push_cmd.push); app.add_typer(recipes_cmd.app, name="recipes"); app.command(hidden=True)(docs_cmd.docs)  # issue 6
 
 

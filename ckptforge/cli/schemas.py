@@ -65,6 +65,16 @@ ROUTES = _obj({
         {"top_expert": _INTS, "load": _INTS, "dead_experts": _INTS})},
 })
 
+# issue 13: eval (one row per capacity factor and BPR setting, after a no-capacity row)
+EVAL = _obj({
+    "model": _STR, "task": _STR, "metric": {"enum": ["accuracy", "loss"]}, "higher_is_better": _BOOL,
+    "router": _NULL_STR, "data": _OBJ, "options": _OBJ, "plot": _NULL_STR,
+    "rows": {"type": "array", "minItems": 1, "items": _obj({
+        "capacity_factor": _NULL_NUM, "bpr": {"type": ["boolean", "null"]}, "loss": _NUM, "accuracy": _NUM,
+        "examples": _INT, "flops_per_example": _NUM, "expert_flops_per_example": _NULL_NUM,
+        "kept_assignments": _NULL_NUM})},
+})
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "upcycle": {
         "$defs": {"plan": PLAN, "recipe": RECIPE_RECORD, "verify": VERIFY_REPORT, "push": PUSH},
@@ -88,6 +98,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "compare-strategies": COMPARE,
     "finetune": FINETUNE,
     "routes": ROUTES,
+    "eval": EVAL,  # issue 13
     "recipes list": _obj({"recipes": {"type": "array", "items": _RECIPE_SUMMARY}}),
     "recipes show": {**_RECIPE_SUMMARY, "required": [*_RECIPE_SUMMARY["required"], "options", "sha256"],
                      "properties": {**_RECIPE_SUMMARY["properties"], "options": _OBJ, "sha256": _STR}},

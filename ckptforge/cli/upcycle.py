@@ -79,6 +79,8 @@ def upcycle(
     architecture: Annotated[str | None, typer.Option("--architecture", help="Multi-source output: mixtral | qwen2_moe | qwen3_moe (default: the family's choice).")] = None,
     no_prompts_in_card: Annotated[bool, typer.Option("--no-prompts-in-card", help="Record each expert's prompts as a count and sha256, not the text.")] = False,
     # --- end issue 14 ---
+    # --- issue 13: cross-size recycling (MoE Jetpack) ---
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration).")] = None,
     **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
@@ -109,6 +111,7 @@ def upcycle(
         router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
         calibration=calibration, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
         stats_cache=str(stats_cache) if stats_cache else None,
+        teacher=teacher,  # issue 13
     )
     if recipe is not None:  # issue 6
         options = apply_recipe(ctx, recipe, options)

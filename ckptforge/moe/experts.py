@@ -10,7 +10,9 @@ class StackedExperts(nn.Module):
     """E two-layer FFN experts (d → S → d) with weights stacked along a leading expert axis.
 
     Parameter names are part of the checkpoint format: ``w1`` (E, S, d), ``b1`` (E, S),
-    ``w2`` (E, d, S), ``b2`` (E, d).
+    ``w2`` (E, d, S), ``b2`` (E, d). ``dispatched`` counts the tokens (token-expert assignments)
+    the experts have processed since it was last set to 0, so the compute a router actually spent
+    can be measured (``dispatched · flops_per_token``); it is not part of the state dict.
 
         >>> experts = StackedExperts(num_experts=4, hidden_size=8, expert_width=16, activation="gelu")
         >>> experts.expert_forward(0, torch.randn(3, 8)).shape
@@ -24,6 +26,7 @@ class StackedExperts(nn.Module):
 
         super().__init__()
         self.num_experts = num_experts
+        self.dispatched = 0
         self.w1 = nn.Parameter(torch.empty(num_experts, expert_width, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, expert_width))
         self.b1 = nn.Parameter(torch.zeros(num_experts, expert_width)) if bias else None
@@ -32,8 +35,15 @@ class StackedExperts(nn.Module):
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
 
+    @property
+    def flops_per_token(self) -> int:
+        """Multiply-add FLOPs of one expert on one token: two matmuls d·S, 2 FLOPs per multiply-add."""
+        _, width, hidden = self.w1.shape
+        return 4 * width * hidden
+
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Run expert ``expert`` on the tokens ``x`` (n, d) it was given."""
+        self.dispatched += x.shape[0]
         h = x @ self.w1[expert].T
         if self.b1 is not None:
             h = h + self.b1[expert]
@@ -48,6 +58,7 @@ class StackedExperts(nn.Module):
             >>> StackedExperts(2, 8, 16, "gelu").batched_forward(torch.randn(2, 5, 8)).shape
             torch.Size([2, 5, 8])
         """
+        self.dispatched += x.shape[0] * x.shape[1]
         h = torch.bmm(x, self.w1.transpose(1, 2))
         if self.b1 is not None:
             h = h + self.b1[:, None]
@@ -69,6 +80,7 @@ class StackedExperts(nn.Module):
         live = (flat_index >= 0).nonzero(as_tuple=True)[0]
         order = live[torch.argsort(flat_index[live], stable=True)]
         counts = torch.bincount(flat_index[order], minlength=self.num_experts).tolist()
+        self.dispatched += sum(counts)
         tokens = token_of[order]
         gathered = x[tokens]
         flat_weight = weights.reshape(-1)[order, None].to(x.dtype)

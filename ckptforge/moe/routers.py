@@ -32,7 +32,9 @@ class TopKRouter(nn.Module):
     added to the logits (default 1/E). With ``capacity_factor`` C each expert takes at most
     round(k·T·C/E) tokens of the batch; the rest are dropped (index −1, weight 0) and the residual
     carries them. ``bpr`` fills capacity in order of each token's largest routing weight across
-    the batch (Batch Prioritized Routing) instead of token position.
+    the batch (Batch Prioritized Routing) instead of token position. ``requested`` counts the
+    token-expert assignments asked for (k per routed token, before capacity) since it was last set
+    to 0; with :attr:`StackedExperts.dispatched` it gives the share that capacity kept.
 
         >>> router = TopKRouter(hidden_size=8, num_experts=4, top_k=2)
         >>> r = router(torch.randn(5, 8))
@@ -49,6 +51,7 @@ class TopKRouter(nn.Module):
         self.noise_std = 1.0 / num_experts if noise_std is None else noise_std
         self.capacity_factor = capacity_factor
         self.bpr = bpr
+        self.requested = 0
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
 
@@ -77,6 +80,7 @@ class TopKRouter(nn.Module):
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs, weights, index = self._top_k(logits)
         aux = load_balancing_loss(probs, index, self.num_experts)
+        self.requested += index.numel()
         capacity = self.capacity(x.shape[0])
         if capacity is not None:
             priority = probs.max(dim=-1).values if self.bpr else None

@@ -26,10 +26,13 @@ class DenseFFN:
 @dataclass
 class ExpertInit:
     """One expert: the hidden units ``units`` (sorted indices into d_ff) it takes from the dense FFN,
-    and ``redraw`` — positions within ``units`` whose weights are re-drawn (Drop-Upcycling)."""
+    ``redraw`` — positions within ``units`` whose weights are re-drawn (Drop-Upcycling) — and
+    ``channels``, the model-dimension channels (sorted indices into d) it keeps: None keeps all;
+    cross-size recycling keeps d_student of a wider teacher's d."""
 
     units: torch.Tensor
     redraw: torch.Tensor | None = None
+    channels: torch.Tensor | None = None
 
 
 @dataclass
