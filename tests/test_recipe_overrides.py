@@ -44,6 +44,7 @@ CASES = [
     (VMOE, ["--calib-samples", "8"], "calib_samples", 8),
     (VMOE, ["--calib-batch-size", "4"], "calib_batch_size", 4),
     (VMOE, ["--stats-cache", "stats.pt"], "stats_cache", "stats.pt"),
+    (VMOE, ["--teacher", "{teacher}", "--strategy", "importance", "--calibration", SAMPLES], "teacher", "{teacher}"),
     # router settings, one per (router, setting)
     (VMOE, ["--no-normalize"], "router.normalize", False),
     (VMOE, ["--router-noise", "0.5"], "router.noise_std", 0.5),
@@ -91,9 +92,17 @@ def test_the_cases_cover_every_option_field_router_setting_and_strategy_paramete
                                              "output_scale", "noise_std", "drop_ratio")} <= covered
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A 2× wider ViT of the same shape otherwise (issue 13's cross-size recycling)."""
+    return str(build_tiny("vit", tmp_path_factory.mktemp("dense") / "teacher", hidden_size=64, intermediate_size=128))
+
+
 @pytest.mark.parametrize(("recipe", "args", "where", "value"), CASES, ids=[" ".join(c[1][:2]) + f"@{c[0]}" for c in CASES])
-def test_a_typed_flag_beats_the_recipe(vit, capsys, tmp_path, monkeypatch, recipe, args, where, value):
+def test_a_typed_flag_beats_the_recipe(vit, teacher, capsys, tmp_path, monkeypatch, recipe, args, where, value):
     monkeypatch.chdir(tmp_path)
+    args = [a.replace("{teacher}", teacher) for a in args]
+    value = value.replace("{teacher}", teacher) if isinstance(value, str) else value
     code, payload, err = _dry_run(capsys, vit, "--recipe", recipe, *args)
     assert code == 0, err
     options = payload["options"]
