@@ -23,6 +23,7 @@ import torch
 from ckptforge import __version__
 from ckptforge.card import render_card
 from ckptforge.config import UpcycleOptions
+from ckptforge.io.paths import check_output_file, local_paths
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
 from ckptforge.loading import copy_files, write_remote_code
@@ -63,8 +64,11 @@ def upcycle(
     out = Path(out)
     ckpt = open_checkpoint(str(source))
     plan = build_plan(ckpt, options, out, has_stats=stats is not None)
-    target = AtomicOutput(out, force)
+    reads = [*ckpt.read_paths(), *local_paths([options.calibration])]
+    target = AtomicOutput(out, force, reads)
     target.check()
+    if options.stats_cache:
+        check_output_file("--stats-cache", options.stats_cache, reads, writes=[out])
     if stats is None:
         from ckptforge.calibration import statistics_for
         from ckptforge.families import FAMILIES
