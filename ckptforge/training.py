@@ -10,6 +10,7 @@ order, batch size, steps and optimiser; only the model differs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ckptforge.datasets import TaskData
+from ckptforge.errors import TrainingDiverged
 
 #: (run name, step, total steps, train loss) → None; called on the main process only.
 StepCallback = Callable[[str, int, int, float], None]
@@ -91,6 +93,9 @@ def train_run(name: str, source: str, model: nn.Module, data: TaskData, settings
         record = {"step": step, "loss": accelerator.reduce(losses.detach().mean(), "mean").item()}
         if aux is not None:
             record["aux_loss"] = accelerator.reduce(aux.detach().float(), "mean").item()
+        if not math.isfinite(record["loss"]):  # issue 11: stop a diverged run before anything is written
+            raise TrainingDiverged(f"run '{name}': the training loss became {record['loss']} at step {step}; "
+                                   f"lower --lr (now {settings.lr:g}); nothing was written")
         run.train.append(record)
         if on_step is not None and accelerator.is_main_process:
             on_step(name, step, settings.steps, record["loss"])
