@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from ckptforge.interrupt import quiet_start_up  # issue 11: keep first, before any heavy import
+
+quiet_start_up()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("ckptforge")

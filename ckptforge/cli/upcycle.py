@@ -10,6 +10,7 @@ from rich.table import Table
 from ckptforge.config import UpcycleOptions, parse_size, router_settings
 from ckptforge.errors import UsageError
 from ckptforge.execute import upcycle as run_upcycle
+from ckptforge.hub import check_repo_id
 from ckptforge.io.source import open_checkpoint
 from ckptforge.plan import Plan, build_plan
 
@@ -83,6 +84,8 @@ def upcycle(
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
+    if push_to is not None:  # issue 11: a bad repo id is refused before converting
+        check_repo_id(push_to)
     try:
         size = parse_size(shard_size)
     except ValueError as exc:
