@@ -12,11 +12,15 @@ and ``vit_moe`` / ``bert_moe`` join transformers' Auto classes as soon as transf
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from ckptforge.interrupt import quiet_start_up  # issue 11: keep first, before any heavy import
 
-from ckptforge.import_hooks import when_imported
+quiet_start_up()
+
+import importlib  # noqa: E402
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+from typing import Any  # noqa: E402
+
+from ckptforge.import_hooks import when_imported  # noqa: E402
 
 try:
     __version__ = version("ckptforge")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,9 +149,15 @@ class ActivationStats:
         """Write to ``path`` (torch format, read back by :func:`load_stats`)."""
         state = {i: {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(s).items()}
                  for i, s in self.layers.items()}
-        torch.save({"key": self.key, "calibration": self.calibration,
-                    "layers": {i: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in d.items()}
-                               for i, d in state.items()}}, path)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.ckptforge-tmp-{os.getpid()}")
+        try:  # written beside and renamed: a cache is never left half-written
+            torch.save({"key": self.key, "calibration": self.calibration,
+                        "layers": {i: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in d.items()}
+                                   for i, d in state.items()}}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def load_stats(path: str | Path, key: str) -> ActivationStats | None:
@@ -157,10 +165,16 @@ def load_stats(path: str | Path, key: str) -> ActivationStats | None:
     path = Path(path)
     if not path.is_file():
         return None
+    foreign = CalibrationError(f"--stats-cache '{path}' is not a ckptforge statistics file; delete it or pass another path")
     try:
-        data = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            data = torch.load(path, weights_only=True)
     except Exception:
-        raise CalibrationError(f"--stats-cache '{path}' is not a ckptforge statistics file; delete it or pass another path") from None
+        raise foreign from None
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict) or not isinstance(
+            data.get("calibration"), dict) or not all(isinstance(v, dict) for v in data["layers"].values()):
+        raise foreign
     if data.get("key") != key:
         return None
     layers = {}

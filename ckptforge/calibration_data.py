@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from ckptforge.errors import CalibrationError, HubError
+from ckptforge.io.inputs import open_image
 from ckptforge.io.source import DenseCheckpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -64,10 +65,10 @@ def load_calibration(path: str | Path, ckpt: DenseCheckpoint, modality: str, *, 
         raise CalibrationError(f"--calib-samples {samples} and --calib-batch-size {batch_size} must be at least 1")
     p = Path(path)
     if p.is_file():
-        kind, raw = "text", _read_text(p)
         if p.suffix.lower() not in TEXT_SUFFIXES:
             raise CalibrationError(f"calibration file '{p}' is not .txt or .jsonl; pass a text file, "
                                    "a folder of images or a dataset")
+        kind, raw = "text", read_text_samples(p, samples)
     elif p.is_dir() and not _is_dataset_dir(p):
         kind, raw = "image", _image_files(p)
     else:
@@ -91,21 +92,33 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> list[str]:
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix.lower() == ".jsonl":
-        texts = []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise CalibrationError(f"'{path}' line {n} is not JSON; write one {{\"text\": …}} object per line") from None
-            texts.append(_text_of(row) if isinstance(row, dict) else str(row))
-        lines = [t for t in texts if t and t.strip()]
-    if not lines:
+def read_text_samples(path: Path, limit: int) -> list[str]:
+    """The first ``limit`` non-empty samples of a .txt (one per line) or .jsonl ({"text": …} per
+    line) file, read line by line: a large file is read only as far as the samples it gives."""
+    texts: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if len(texts) >= limit:
+                    break
+                text = _jsonl_text(path, n, line) if path.suffix.lower() == ".jsonl" and line.strip() else line
+                if text and text.strip():
+                    texts.append(text.rstrip("\r\n"))
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"calibration file '{path}' is not UTF-8 text (invalid byte at position "
+                               f"{exc.start} of a line); save it as UTF-8") from None
+    if not texts:
         raise CalibrationError(f"calibration file '{path}' has no text; put one sample per line (.txt) "
                                "or one {\"text\": …} object per line (.jsonl)")
-    return lines
+    return texts
+
+
+def _jsonl_text(path: Path, n: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise CalibrationError(f"'{path}' line {n} is not JSON; write one {{\"text\": …}} object per line") from None
+    return _text_of(row) if isinstance(row, dict) else str(row)
 
 
 def _text_of(row: dict[str, Any]) -> str:
@@ -157,14 +170,12 @@ def _subsample(items: list[Any], samples: int, seed: int) -> list[Any]:
 
 
 def _preprocess_images(images: list[Any], ckpt: DenseCheckpoint) -> dict[str, torch.Tensor]:
-    from PIL import Image
-
     config = ckpt.config
     channels = int(config.get("num_channels", 3))
     size = config.get("image_size", 224)
     size = size if isinstance(size, int) else size[0]
     mode = "L" if channels == 1 else "RGB"
-    pil = [(Image.open(i) if isinstance(i, (str, Path)) else i).convert(mode) for i in images]
+    pil = [open_image(i, mode) if isinstance(i, (str, Path)) else i.convert(mode) for i in images]
     if (ckpt.root / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 

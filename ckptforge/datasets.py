@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from ckptforge.io.inputs import open_image, read_utf8
 from ckptforge.errors import HubError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -160,11 +161,12 @@ def _pixels(image: Any, config: dict[str, Any]) -> torch.Tensor:
     """An image (path or PIL image) → normalised (C, H, W) float tensor of the model's size."""
     from PIL import Image
 
-    img = Image.open(image) if isinstance(image, (str, Path)) else image
     size = config.get("image_size", 224)
     size = size if isinstance(size, int) else size[0]
     channels = int(config.get("num_channels", 3))
-    img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+    mode = "L" if channels == 1 else "RGB"
+    img = open_image(image, mode) if isinstance(image, (str, Path)) else image.convert(mode)
+    img = img.resize((size, size), Image.BILINEAR)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div(255)
     x = x.view(size, size, channels).permute(2, 0, 1)
     mean, std = _normalisation(config, channels)
@@ -205,7 +207,7 @@ def _tokenizer(model_dir: Path, config: dict[str, Any], seq_len: int) -> _Tokeni
 def _read_causal(data: str, _config: dict[str, Any], tokenize: _Tokenize, _classes: Any, seq_len: int):
     path = Path(data)
     if path.suffix == ".txt" and path.is_file():
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [read_utf8(path)]
     elif path.suffix in (".jsonl", ".json") and path.is_file():
         texts = [row["text"] for row in _jsonl(path, ("text",))]
     else:
@@ -250,7 +252,7 @@ def _read_text_labels(data: str, _config: dict[str, Any], tokenize: _Tokenize, c
 
 def _jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

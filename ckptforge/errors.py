@@ -54,3 +54,7 @@ class VerificationFailed(CkptforgeError):
     def __init__(self, message: str, report: object | None = None):
         self.report = report
         super().__init__(message)
+
+
+class TrainingDiverged(VerificationFailed):
+    """A training run whose loss became NaN or infinite; it stops before anything is written."""

@@ -23,6 +23,7 @@ import torch
 from ckptforge import __version__
 from ckptforge.card import check_base_model, render_card
 from ckptforge.config import UpcycleOptions
+from ckptforge.io.paths import check_output_file, local_paths
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
 from ckptforge.loading import copy_files, write_remote_code
@@ -73,9 +74,12 @@ def upcycle(
     ckpt = source if isinstance(source, DenseCheckpoint) else open_checkpoint(str(source))
     if plan is None or plan.options is not options:
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
-    target = AtomicOutput(out, force)
-    target.check()
     teacher = open_checkpoint(options.teacher) if options.teacher else None  # issue 13: cross-size
+    reads = [*ckpt.read_paths(), *(teacher.read_paths() if teacher else []), *local_paths([options.calibration])]
+    target = AtomicOutput(out, force, reads)
+    target.check()
+    if options.stats_cache:
+        check_output_file("--stats-cache", options.stats_cache, reads, writes=[out])
     if stats is None:
         from ckptforge.calibration import statistics_for
         from ckptforge.families import FAMILIES

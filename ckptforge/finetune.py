@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ from torch import nn
 from ckptforge import __version__
 from ckptforge.datasets import TaskData, load_task_data, task_for
 from ckptforge.errors import PlanError, SourceError, UsageError
-from ckptforge.io.source import AUX_FILE_PATTERNS, open_checkpoint
+from ckptforge.io.paths import check_output, check_writable, local_paths, refuse_overlap
+from ckptforge.io.source import AUX_FILE_PATTERNS, open_checkpoint, read_json_object, sha256_file
 from ckptforge.io.writer import AtomicOutput
 from ckptforge.loading import config_object, load_model, model_class
 from ckptforge.checkpoints import check_resume_dir
@@ -80,12 +82,13 @@ class FinetuneOptions:
             out.append(f"--steps {self.steps} trains nothing; use 1 or more steps")
         if self.batch_size < 1:
             out.append(f"--batch-size {self.batch_size} must be at least 1")
-        if not self.lr > 0:
-            out.append(f"--lr {self.lr:g} must be positive, e.g. 1e-4")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(f"--lr {self.lr:g} must be a positive finite number, e.g. 1e-4")
+        for flag, value in (("--aux-weight", self.aux_weight), ("--weight-decay", self.weight_decay)):
+            if value is not None and not (math.isfinite(value) and value >= 0):  # issue 11: inf / nan would train to NaN
+                out.append(f"{flag} {value:g} must be a finite number ≥ 0")
         if self.eval_every < 0:
             out.append(f"--eval-every {self.eval_every} must be 0 (every steps/10) or positive")
-        if self.aux_weight is not None and not self.aux_weight >= 0:
-            out.append(f"--aux-weight {self.aux_weight:g} must not be negative")
         if self.seq_len < 2:
             out.append(f"--seq-len {self.seq_len} must be at least 2")
         if self.device not in DEVICES:
@@ -159,6 +162,7 @@ def finetune(model_dir: str | Path, options: FinetuneOptions, on_step: StepCallb
         raise PlanError(problems)
     if options.lora:
         import_peft()  # issue 13: say how to install it before any work
+    check_finetune_paths(model_dir, options)
     accelerator = make_accelerator(options.device, options.precision)
     try:
         data = load_task_data(options.data, config, model_dir, eval_data=options.eval_data,
@@ -219,7 +223,20 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise SourceError(f"'{model_dir}' has no config.json; pass a model directory (a ckptforge upcycle output)")
-    return json.loads(path.read_text())
+    return read_json_object(path)
+
+
+def check_finetune_paths(model_dir: Path, options: FinetuneOptions) -> None:
+    """``--save`` and ``--report`` may not overwrite the model, the data or the ``--compare`` model
+    (issue 11); ``--report`` may be the model directory itself (its files go beside the weights)."""
+    inputs = local_paths([options.data, options.eval_data, options.compare])
+    if options.save:
+        check_output("--save", options.save, force=options.force, reads=[model_dir, *inputs])
+    if options.report:
+        check_writable("--report", options.report)
+        if Path(options.report).exists() and not Path(options.report).is_dir():
+            raise UsageError(f"--report '{options.report}' is a file; pass a directory")
+        refuse_overlap("--report", options.report, inputs)
 
 
 def _candidates(model_dir: Path, config: dict[str, Any], options: FinetuneOptions, data: TaskData) -> list:
@@ -282,7 +299,7 @@ def save_model(model: nn.Module, model_dir: Path, out: Path, force: bool = False
 
         >>> save_model(model, Path("out/moe"), Path("out/moe-ft"))        # doctest: +SKIP
     """
-    target = AtomicOutput(out, force)
+    target = AtomicOutput(out, force, reads=[model_dir], flag="--save")
     target.check()
     with target as tmp:
         if is_lora(model) and not merge_lora:
@@ -292,6 +309,9 @@ def save_model(model: nn.Module, model_dir: Path, out: Path, force: bool = False
         for f in model_dir.iterdir():
             if f.suffix == ".py" or f.name in AUX_FILE_PATTERNS:
                 shutil.copyfile(f, tmp / f.name)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        provenance = {"ckptforge_version": __version__, "finetuned_from": str(model_dir), "files": files}
+        (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return out
 
 

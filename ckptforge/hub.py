@@ -50,16 +50,8 @@ def check_output(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"'{folder}' is not a directory; pass a ckptforge output directory")
-    meta_path = folder / "ckptforge.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except FileNotFoundError:
-        raise UsageError(f"'{folder}' has no ckptforge.json, so it is not a ckptforge output; "
-                         "push only directories written by 'ckptforge upcycle'") from None
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"'{meta_path}' is not a valid ckptforge.json (no \"files\" table); "
-                         "re-run 'ckptforge upcycle' to rewrite the output") from None
+    meta = read_provenance(folder, "push only directories written by 'ckptforge upcycle'")
+    files = meta["files"]
     missing = sorted(n for n in files if not (folder / n).is_file())
     changed = sorted(n for n in files if n not in missing and sha256_file(folder / n) != files[n])
     if missing or changed:
@@ -68,6 +60,44 @@ def check_output(folder: str | Path) -> dict[str, Any]:
         raise UsageError(f"'{folder}' is not a complete ckptforge output ({'; '.join(parts)}); "
                          "re-run 'ckptforge upcycle' or restore the files")
     return meta
+
+
+def read_provenance(folder: Path, hint: str) -> dict[str, Any]:
+    """``folder/ckptforge.json`` with a ``files`` table of name → sha256; :class:`UsageError` when
+    absent or malformed (``hint`` says what to do instead)."""
+    meta_path = folder / "ckptforge.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"'{folder}' has no ckptforge.json, so it is not a ckptforge output; {hint}") from None
+    except (ValueError, UnicodeDecodeError, OSError):
+        meta = None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(n, str) and Path(n).name == n and isinstance(h, str)
+                                              for n, h in files.items()):
+        raise UsageError(f"'{meta_path}' is not a valid ckptforge.json (no \"files\" table of file name → sha256); "
+                         "re-run 'ckptforge upcycle' to rewrite the output")
+    return meta
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse (huggingface_hub's own rules), before anything else.
+
+        >>> check_repo_id("my org/my model")   # doctest: +SKIP
+        Traceback (most recent call last):
+        ckptforge.errors.UsageError: 'my org/my model' is not a Hub repo id (...)
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    hint = "write it as namespace/name, e.g. me/vit-moe"
+    if repo_id.count("/") != 1:
+        raise UsageError(f"'{repo_id}' is not a Hub repo id; {hint}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = str(exc).split(":")[0].rstrip(".")
+        raise UsageError(f"'{repo_id}' is not a Hub repo id ({reason}); {hint}") from None
 
 
 def record_hashes(folder: str | Path, names: list[str]) -> None:
@@ -157,14 +187,13 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     """
     import huggingface_hub
 
+    check_repo_id(repo_id)
     meta = check_output(folder)
     validate_card(folder)
     if base_model is not None:
         from ckptforge.card import check_base_model
 
         check_base_model(base_model)
-    if "/" not in repo_id or repo_id.count("/") > 1:
-        raise UsageError(f"'{repo_id}' is not a Hub repo id; write it as namespace/name, e.g. me/vit-moe")
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise HubError("HF_HUB_OFFLINE=1 is set, so nothing can be pushed; unset HF_HUB_OFFLINE to push")
     if huggingface_hub.get_token() is None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ckptforge.calibration import missing_calibration_message, needed_stats
+from ckptforge.consistency import bound_problems, weight_problems
 from ckptforge.config import DTYPES, ROUTER_SETTINGS, UpcycleOptions, parse_layers, router_problems
 from ckptforge.errors import DiskSpaceError, PlanError, UsageError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
@@ -144,6 +145,8 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     _check_recipe_family(options, family.name)
     problems = options.problems() + family.check(config)
     dims = family.dims(config)
+    if bounds := bound_problems(options.num_experts, options.top_k, options.router.get("universal_experts")):
+        raise PlanError(problems + bounds)  # before anything is laid out per expert
     try:
         moe_layers = parse_layers(options.layers, dims.num_layers)
     except ValueError as exc:
@@ -167,7 +170,8 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     if not has_stats and not options.calibration and needed_stats(options):
         problems.append(missing_calibration_message(options))
     if prefix is not None:
-        problems += _missing_ffn(family, prefix, moe_layers, canonical)
+        problems += _missing_ffn(family, prefix, moe_layers, canonical) or weight_problems(
+            ckpt, family, prefix, dims, canonical)
     problems += _router_problems(family, options, dims, problems)
     teacher = None
     if options.teacher:  # issue 13: cross-size recycling

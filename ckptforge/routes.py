@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from ckptforge.errors import SourceError, UsageError
+from ckptforge.io.inputs import open_image, read_utf8
+from ckptforge.io.paths import check_output_file
 from ckptforge.loading import load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -90,16 +92,14 @@ def _inputs(model_dir: Path, config: Any, path: Path) -> tuple[dict[str, torch.T
     if config.model_type == "vit_moe":
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise UsageError(f"'{path}' is not an image ({', '.join(IMAGE_SUFFIXES)}); a ViT-MoE model routes image patches")
-        from PIL import Image
-
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        image = Image.open(path).convert("L" if config.num_channels == 1 else "RGB").resize((size, size))
+        image = open_image(path, "L" if config.num_channels == 1 else "RGB").resize((size, size))
         pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(size, size, -1).permute(2, 0, 1)
         pixels = (pixels / 255.0 - 0.5) / 0.5
         grid = size // patch
         return {"pixel_values": pixels[None]}, ["[CLS]"] + [f"p{r},{c}" for r in range(grid) for c in range(grid)], grid, "image"
-    text = path.read_text().strip()
+    text = read_utf8(path).strip()
     try:
         from transformers import AutoTokenizer
 
@@ -118,6 +118,9 @@ def save_expert_maps(report: RoutesReport, out: str | Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     out = Path(out)
+    paths = {layer: out.with_name(f"{out.stem}-layer{layer}{out.suffix or '.png'}") for layer in report.layers}
+    for path in paths.values():  # issue 11: never over the model or the input
+        check_output_file("--out", path, reads=[report.model, report.input])
     files = []
     for layer, routes in report.layers.items():
         fig, axes = plt.subplots(1, 2 if report.grid else 1, figsize=(9 if report.grid else 5, 4), squeeze=False)
@@ -130,7 +133,7 @@ def save_expert_maps(report: RoutesReport, out: str | Path) -> list[str]:
         hist.bar(range(len(routes.load)), routes.load, color=["red" if c == 0 else "steelblue" for c in routes.load])
         hist.set_title(f"layer {layer}: expert load ({len(routes.dead_experts)} dead)")
         hist.set_xlabel("expert")
-        path = out.with_name(f"{out.stem}-layer{layer}{out.suffix or '.png'}")
+        path = paths[layer]
         fig.tight_layout()
         fig.savefig(path, dpi=80)
         plt.close(fig)

@@ -10,9 +10,10 @@ order, batch size, steps and optimiser; only the model differs.
 
 from __future__ import annotations
 
+import math
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ckptforge.checkpoints import load_checkpoint, save_checkpoint
 from ckptforge.datasets import TaskData
-from ckptforge.errors import UsageError
+from ckptforge.errors import TrainingDiverged, UsageError
 from ckptforge.schedules import lr_factor
 
 #: (run name, step, total steps, train loss, throughput in data units/s) → None; main process only.
@@ -166,6 +167,9 @@ class _Loop:
             record["grad_norm"] = float(norm)
         if aux is not None:
             record["aux_loss"] = self.accelerator.reduce(aux.detach().float(), "mean").item()
+        if not math.isfinite(record["loss"]):  # issue 11: stop a diverged run before anything is written
+            raise TrainingDiverged(f"run '{self.run.name}': the training loss became {record['loss']} at step {step}; "
+                                   f"lower --lr (now {self.settings.lr:g}); nothing was written")
         self.run.train.append(record)
 
     def throughput(self) -> float:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ckptforge.errors import SourceError
-from ckptforge.io.source import DenseCheckpoint, open_checkpoint
+from ckptforge.errors import SourceError, VerificationFailed
+from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.loading import load_model
 
 @dataclass
@@ -76,8 +76,10 @@ def verify_model(
 ) -> VerifyReport:
     """Compare the MoE at ``moe_dir`` with its dense source (from ``ckptforge.json`` unless given)."""
     moe_dir = Path(moe_dir)
-    moe_config = _read_json(moe_dir / "config.json")
-    provenance = _read_json(moe_dir / "ckptforge.json") if (moe_dir / "ckptforge.json").is_file() else {}
+    if not moe_dir.is_dir():
+        raise SourceError(f"'{moe_dir}' is not a directory; pass a ckptforge output directory")
+    moe_config = open_checkpoint(moe_dir).config  # every shard's header and size checked: exit 3 if broken
+    provenance = check_recorded_hashes(moe_dir)
     if against is None:
         against = (provenance.get("source") or {}).get("ref")
         if against is None:
@@ -98,6 +100,24 @@ def verify_model(
     final = _error(getattr(d_out, final_key), getattr(m_out, final_key))
     return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description,
                         _exact(options) and _exact_router(moe_config.get("moe_router")))
+
+
+def check_recorded_hashes(moe_dir: Path) -> dict[str, Any]:
+    """The provenance in ``moe_dir/ckptforge.json`` after checking every file's recorded sha256
+    (:class:`VerificationFailed` naming the first file edited since conversion); {} when absent."""
+    from ckptforge.hub import read_provenance
+
+    if not (moe_dir / "ckptforge.json").is_file():
+        return {}
+    meta = read_provenance(moe_dir, "pass --against SOURCE")
+    for name, digest in sorted(meta["files"].items()):
+        path = moe_dir / name
+        if not path.is_file():
+            raise SourceError(f"'{path}' is listed in ckptforge.json but missing; restore it or re-run 'ckptforge upcycle'")
+        if sha256_file(path) != digest:
+            raise VerificationFailed(f"'{path}' changed since conversion (its sha256 differs from the one in "
+                                     "ckptforge.json); restore it or re-run 'ckptforge upcycle'")
+    return meta
 
 
 def _exact(options: dict[str, Any]) -> bool:
@@ -146,9 +166,3 @@ def _weights_path(ckpt: DenseCheckpoint) -> Path:
     if len(ckpt.weight_files) == 1 and ckpt.weight_files[0].name not in ("model.safetensors", "pytorch_model.bin"):
         return ckpt.weight_files[0]
     return ckpt.root
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SourceError(f"'{path}' is missing; pass a ckptforge output directory")
-    return json.loads(path.read_text())

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ckptforge.cli import main
-from conftest import cli_env, run_cli
+from conftest import cli_env, read_json, run_cli
 from test_source import _populate_cache
 
 
@@ -112,8 +112,15 @@ def test_output_exists_exit_5_unless_force(tiny, tmp_path, capsys):
     assert code == 5
     assert _one_line_error(err) == f"error: output '{out}' already exists; pass --force to replace it or choose another --out"
     assert (out / "keep.txt").read_text() == "mine"
+    # issue 11: --force replaces a previous output, never a folder of the user's files
+    code, _, err = _invoke(capsys, "upcycle", str(tiny("vit", name="v2")), "--experts", "2", "--out", str(out), "--force")
+    assert code == 2 and "holds files but no ckptforge.json" in _one_line_error(err)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty directory may be replaced, and so may a previous output
     assert main(["upcycle", str(tiny("vit", name="v2")), "--experts", "2", "--out", str(out), "--force", "-q"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "ckptforge.json").is_file()
+    assert main(["upcycle", str(tiny("vit", name="v2")), "--experts", "4", "--out", str(out), "--force", "-q"]) == 0
+    assert read_json(out / "ckptforge.json")["options"]["num_experts"] == 4
+    assert not list(tmp_path.glob(".moe.ckptforge-*"))
 
 
 def test_not_enough_disk_exit_2_and_nothing_written(tiny, tmp_path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ import typer
 from ckptforge import __version__
 from ckptforge.errors import CkptforgeError
 from ckptforge.import_hooks import when_imported
+from ckptforge.interrupt import restore as restore_interrupts
 
 from . import compare as compare_cmd
 from . import finetune as finetune_cmd  # issue 5: finetune
@@ -24,7 +25,7 @@ from . import upcycle as upcycle_cmd
 from . import verify as verify_cmd
 from . import docs as docs_cmd, push as push_cmd, recipes as recipes_cmd  # issue 6
 from . import eval as eval_cmd  # issue 13: eval
-from .errors import BAD_USAGE, exit_code_for, message_for
+from .errors import BAD_USAGE, INTERRUPTED, exit_code_for, message_for
 from .options import emit_json
 
 #: click's base exception as typer raises it (recent typer vendors click as ``typer._click``).
@@ -71,16 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
-    _quiet_libraries()
     try:
+        restore_interrupts()  # from here Ctrl-C unwinds (temporary outputs are removed) and is reported below
+        _quiet_libraries()
         result = app(args=argv, prog_name="ckptforge", standalone_mode=False)
+        if result == INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into Exit(130)
+            return _fail(KeyboardInterrupt("interrupted"), INTERRUPTED, as_json)
         return result if isinstance(result, int) else 0
     except CkptforgeError as exc:
         return _fail(exc, exit_code_for(exc), as_json)
-    except typer.Abort:
-        return _fail(KeyboardInterrupt("interrupted"), 130, as_json)
+    except (typer.Abort, KeyboardInterrupt):  # issue 11: Ctrl-C anywhere is one line and 130
+        return _fail(KeyboardInterrupt("interrupted"), INTERRUPTED, as_json)
     except _CLICK_ERROR as exc:
         return _fail(exc, BAD_USAGE, as_json, message=f"error: {exc.format_message()}; see --help")
+
+
+def interrupted() -> int:
+    """Say so in one line and return the exit code of an interrupted run (128 + SIGINT)."""
+    print("error: interrupted", file=sys.stderr)
+    return INTERRUPTED
 
 
 def _fail(exc: BaseException, code: int, as_json: bool, message: str | None = None) -> int:
@@ -98,5 +108,9 @@ def _fail(exc: BaseException, code: int, as_json: bool, message: str | None = No
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point; a Ctrl-C even while an error is reported exits 130 quietly."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = interrupted()
+    sys.exit(code)

@@ -14,6 +14,8 @@ from ckptforge.errors import (
     UsageError,
     VerificationFailed,
 )
+from ckptforge.interrupt import INTERRUPTED  # noqa: F401  (Ctrl-C: 130, re-exported for the CLI)
+
 
 OK, VERIFY_FAILED, BAD_USAGE, SOURCE_UNREADABLE, HUB_FAILED, OUTPUT_EXISTS = 0, 1, 2, 3, 4, 5
 

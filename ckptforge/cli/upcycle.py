@@ -93,6 +93,10 @@ def upcycle(
     if gate_mode or architecture or no_prompts_in_card:  # issue 14
         raise UsageError("--gate-mode, --architecture and --no-prompts-in-card apply to a multi-source MoE; "
                          "add --expert-source or --config")
+    if push_to is not None:  # issue 11: a bad repo id is refused before converting
+        from ckptforge.hub import check_repo_id
+
+        check_repo_id(push_to)
     from ckptforge.config import UpcycleOptions, parse_size, router_settings
     from ckptforge.io.source import open_checkpoint
     from ckptforge.plan import build_plan

@@ -22,6 +22,27 @@ ROLE_SHAPES = {
 }
 
 
+#: The largest size a config key may state: far above any real model, low enough that a typo
+#: (``num_hidden_layers: 1e9``) is refused up front instead of exhausting memory while planning.
+CONFIG_SIZE_LIMITS = {"num_hidden_layers": 4096, "hidden_size": 1 << 20, "intermediate_size": 1 << 22}
+
+
+def config_size(config: dict[str, Any], key: str) -> int:
+    """``config[key]`` as a positive integer within :data:`CONFIG_SIZE_LIMITS`, else :class:`UsageError`.
+
+        >>> config_size({"hidden_size": 32}, "hidden_size")
+        32
+    """
+    from ckptforge.errors import UsageError
+
+    value, limit = config.get(key), CONFIG_SIZE_LIMITS[key]
+    if value is None:
+        raise UsageError(f"config.json has no {key}; add it (the model's {key.replace('_', ' ')})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= limit or value != int(value):
+        raise UsageError(f"config.json: {key} {value!r} is not an integer from 1 to {limit}; fix config.json")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Dims:
     """The sizes a plan needs: layers, hidden size d, FFN width d_ff, activation, gated or not."""
@@ -106,10 +127,11 @@ class Family:
         return None
 
     def dims(self, config: dict[str, Any]) -> Dims:
+        """The sizes in ``config``; a missing, non-integer or implausible size raises :class:`UsageError`."""
         return Dims(
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=int(config["hidden_size"]),
-            intermediate_size=int(config["intermediate_size"]),
+            num_layers=config_size(config, "num_hidden_layers"),
+            hidden_size=config_size(config, "hidden_size"),
+            intermediate_size=config_size(config, "intermediate_size"),
             activation=str(config.get("hidden_act", "gelu")),
             gated="gate" in self.ffn,
         )

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,15 @@ class DenseCheckpoint:
         """Tokenizer / preprocessor files that travel into the output."""
         return [self.root / n for n in AUX_FILE_PATTERNS if (self.root / n).is_file()]
 
+    def read_paths(self) -> list[Path]:
+        """Every local path this checkpoint is read from (outputs must stay clear of them): the
+        weight files, config.json, tokenizer / preprocessor files, and the whole directory unless
+        the source named a single weight file."""
+        paths = [*self.weight_files, self.root / "config.json", *self.aux_files()]
+        if not Path(self.source).expanduser().is_file():
+            paths.append(self.root)
+        return paths
+
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     """sha256 of a file, read into one reused buffer (a fresh block per read fragmented the heap
@@ -222,11 +232,7 @@ def _find_weight_files(path: Path) -> tuple[Path, list[Path]]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise SourceError(f"'{index}' is not a valid shard index; re-download the checkpoint") from exc
-            files = sorted({path / f for f in weight_map.values()})
+            files = _index_files(index)
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise SourceError(f"shards listed in '{index.name}' are missing: {', '.join(missing)}; re-download them")
@@ -234,8 +240,8 @@ def _find_weight_files(path: Path) -> tuple[Path, list[Path]]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
             return path, [path / single]
-    found = sorted(path.glob("*.safetensors")) or sorted(
-        p for s in _PICKLE_SUFFIXES for p in path.glob(f"*{s}")
+    found = sorted(p for p in path.glob("*.safetensors") if p.is_file()) or sorted(
+        p for s in _PICKLE_SUFFIXES for p in path.glob(f"*{s}") if p.is_file()
     )
     if len(found) == 1:
         return path, found
@@ -245,6 +251,22 @@ def _find_weight_files(path: Path) -> tuple[Path, list[Path]]:
     )
 
 
+def _index_files(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each a plain file name inside its directory."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"'{index}' is not a valid shard index (no \"weight_map\"); re-download the checkpoint") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+        raise SourceError(f"'{index}' is not a valid shard index (\"weight_map\" must map tensor names to "
+                          "file names); re-download the checkpoint")
+    outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in (".", "..")})
+    if outside:
+        raise SourceError(f"'{index}' points at '{outside[0]}', outside its directory; a shard index may only "
+                          "name files beside it: re-download the checkpoint")
+    return sorted({index.parent / f for f in weight_map.values()})
+
+
 def _read_config(root: Path, given: Path) -> dict[str, Any]:
     cfg = root / "config.json"
     if not cfg.is_file():
@@ -252,10 +274,20 @@ def _read_config(root: Path, given: Path) -> dict[str, Any]:
             f"no config.json beside '{given}'; ckptforge needs the model config to detect the "
             "architecture: put config.json next to the weights"
         )
+    return read_json_object(cfg)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, ckptforge.json); else :class:`SourceError`."""
     try:
-        return json.loads(cfg.read_text())
-    except ValueError as exc:
-        raise SourceError(f"'{cfg}' is not valid JSON ({exc}); fix or re-download it") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"'{path}' is not valid JSON ({' '.join(str(exc).split())}); fix or re-download it") from exc
+    except OSError as exc:
+        raise SourceError(f"'{path}' cannot be read ({exc.strerror or type(exc).__name__}); check the path") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"'{path}' holds a JSON {type(data).__name__}, not an object; fix or re-download it")
+    return data
 
 
 def _open_weights(path: Path) -> tuple[Any, list[TensorInfo]]:
@@ -301,8 +333,8 @@ def _check_safetensors_size(path: Path) -> tuple[int, dict[str, Any]]:
             raise SourceError(f"'{path}' is not a valid safetensors file (bad header length); re-download it")
         try:
             header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError) as exc:
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise SourceError(f"'{path}' is not a valid safetensors file (bad header); re-download it") from exc
     if 8 + n + end != size:
         raise SourceError(
@@ -313,12 +345,14 @@ def _check_safetensors_size(path: Path) -> tuple[int, dict[str, Any]]:
 
 def _open_pickle(path: Path) -> tuple[dict[str, torch.Tensor], list[TensorInfo]]:
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zip" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc) and "zip" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"'{path}' is a pickle that carries code or unsupported objects, refused (it was not "

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ckptforge.errors import OutputExistsError
+from ckptforge.io.paths import check_output
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -268,18 +268,21 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
 class AtomicOutput:
     """Context manager: a temporary sibling directory that becomes ``out`` only on success.
 
-    An existing ``out`` is refused unless ``force``. On any error — and after a SIGKILL — nothing
-    is left at ``out``; stale temporary siblings of dead processes are removed on the next run.
+    ``out`` follows :func:`ckptforge.io.paths.check_output`: an existing ``out`` is refused unless
+    ``force`` and a previous output, and ``out`` may not overlap ``reads`` (the run's inputs). On
+    any error — and after a SIGKILL — nothing is left at ``out``; stale temporary siblings of dead
+    processes are removed on the next run.
     """
 
-    def __init__(self, out: Path, force: bool = False):
+    def __init__(self, out: Path, force: bool = False, reads: Iterable[Path] = (), flag: str = "--out"):
         self.out = Path(out)
         self.force = force
+        self.reads = list(reads)
+        self.flag = flag
         self.tmp = self.out.parent / f".{self.out.name}{_TMP_MARK}{os.getpid()}"
 
     def check(self) -> None:
-        if self.out.exists() and not self.force:
-            raise OutputExistsError(f"output '{self.out}' already exists; pass --force to replace it or choose another --out")
+        check_output(self.flag, self.out, force=self.force, reads=self.reads)
 
     def __enter__(self) -> Path:
         self.check()
