@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ckptforge.evaluate import EvalOptions, EvalReport, evaluate, parse_capacity_factors, plot_sweep
-
 from .options import JsonOpt, QuietOpt, SeedOpt, emit_json, stdout
+
+if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
+    from ckptforge.evaluate import EvalReport
 
 
 def eval_model(
@@ -30,6 +31,8 @@ def eval_model(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a model on held-out data; with --capacity-factor, the V-MoE capacity sweep."""
+    from ckptforge.evaluate import EvalOptions, evaluate, parse_capacity_factors, plot_sweep
+
     options = EvalOptions(
         data=data, capacity_factors=parse_capacity_factors(capacity_factor) if capacity_factor is not None else None,
         bpr=bpr, batch_size=batch_size, seq_len=seq_len, held_out=held_out, seed=seed, device=device,
