@@ -190,6 +190,7 @@ CASES = [
     Case("config-1e9-layers", lambda w: ["upcycle", w["config_1e9_layers"], "--dry-run"], 2, "num_hidden_layers 1000000000.0"),
     Case("experts-1e9-dry-run", lambda w: ["upcycle", w["vit"], "--experts", "1000000000", "--dry-run"], 2,
          "more than 65536 experts"),
+    Case("out-empty", lambda w: ["upcycle", w["vit"], "--out", ""], 2, "is the current directory"),
     Case("out-parent-is-file", lambda w: ["upcycle", w["vit"], "--out", w["a_file"] / "moe"], 2, "is a file"),
     Case("calibration-bomb", lambda w: ["upcycle", w["vit"], "--out", w["root"] / OUT, *IMPORTANCE, w["bomb_imgs"]], 2,
          "decompression bomb", subprocess=True),

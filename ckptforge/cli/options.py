@@ -13,7 +13,7 @@ from rich.console import Console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a previous ckptforge output (or an empty directory); never other files.")]
 TolOpt = Annotated[float, typer.Option("--tol", help="Largest relative L2 error that passes verification.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (written atomically).")]

@@ -66,6 +66,9 @@ def check_writable(flag: str, target: str | os.PathLike[str]) -> Path:
     if not os.fspath(target).strip():
         raise UsageError(f"{flag} is empty; pass a path")
     t = real(target)
+    here = real(".")
+    if t == here or t in here.parents:
+        raise UsageError(f"{flag} '{target}' is the current directory or contains it; pass a new directory's path")
     parent = t.parent
     while not parent.exists():
         if parent.is_symlink():

@@ -260,7 +260,7 @@ def _index_files(index: Path) -> list[Path]:
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
         raise SourceError(f"'{index}' is not a valid shard index (\"weight_map\" must map tensor names to "
                           "file names); re-download the checkpoint")
-    outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in (".", "..")})
+    outside = sorted({f for f in weight_map.values() if Path(f).is_absolute() or ".." in Path(f).parts or "\\" in f})
     if outside:
         raise SourceError(f"'{index}' points at '{outside[0]}', outside its directory; a shard index may only "
                           "name files beside it: re-download the checkpoint")
@@ -291,9 +291,12 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def _open_weights(path: Path) -> tuple[Any, list[TensorInfo]]:
-    if path.suffix == ".safetensors":
-        return _open_safetensors(path)
-    return _open_pickle(path)
+    try:
+        if path.suffix == ".safetensors":
+            return _open_safetensors(path)
+        return _open_pickle(path)
+    except OSError as exc:  # unreadable (permissions, I/O error) before the format is even looked at
+        raise SourceError(f"'{path}' cannot be read ({exc.strerror or type(exc).__name__}); check its permissions") from exc
 
 
 def _open_safetensors(path: Path) -> tuple[Any, list[TensorInfo]]:
