@@ -82,6 +82,10 @@ def upcycle(
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
+    if not dry_run and out is not None:  # issue 15: hash the source on the idle core while torch imports
+        from ckptforge.io.hashing import local_source_files, prehash
+
+        prehash(local_source_files(source))
     from ckptforge.config import UpcycleOptions, parse_size, router_settings
     from ckptforge.io.source import open_checkpoint
     from ckptforge.plan import build_plan
