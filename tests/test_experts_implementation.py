@@ -130,3 +130,13 @@ def test_stock_moe_card_says_how_to_pick_transformers_experts_backend(tiny, tmp_
     ckptforge.upcycle(tiny("llama"), out, ckptforge.UpcycleOptions(num_experts=4, layers="all"))
     card = (out / "README.md").read_text()
     assert "`experts_implementation` in `from_pretrained`" in card and '`"batched_mm"`' in card
+
+
+@pytest.mark.parametrize("router", sorted(ROUTER_TYPES))
+def test_every_router_runs_forward_and_backward_in_bf16(router):
+    torch.manual_seed(0)
+    layer = build_moe_layer(16, 24, 4, 2, "gelu", _ROUTERS[router]).to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
