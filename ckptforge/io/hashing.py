@@ -45,9 +45,12 @@ def _identity(path: Path) -> tuple | None:
 
 
 def prehash(paths: list[Path]) -> None:
-    """Start hashing ``paths`` (one after another) on a daemon thread; missing files are skipped."""
+    """Start hashing ``paths`` (one after another) on a daemon thread; missing files are skipped.
+    Early hashes nobody took (e.g. a command that stopped at a bad option) are forgotten."""
     jobs = []
     with _lock:
+        for key in [k for k, f in _started.items() if f.done()]:
+            del _started[key]
         for path in paths:
             key = _identity(path)
             if key is not None and key not in _started:
