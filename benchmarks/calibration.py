@@ -8,6 +8,14 @@ its own.
 
     python benchmarks/calibration.py            # both cases, one JSON line each
     python benchmarks/calibration.py --case vit
+
+``--pass`` measures the whole calibration pass instead: a random-init ViT-B/16 (224 px), the hooked
+forward that collects the statistics of the MoE layers (every-2: 1, 3, …, 11) against the bare
+forward over the same batches, alternating, in the same process; once for what ``importance``
+needs (scores) and once for ``coactivation`` (scores + co-activation counts).
+
+    python benchmarks/calibration.py --pass --images 64 --batch 16     # the issue's whole-pass ratio
+    python benchmarks/calibration.py --pass --tiny                     # smoke test
 """
 
 from __future__ import annotations
@@ -67,10 +75,56 @@ def run_case(name: str) -> dict:
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def run_pass(images: int, batch: int, tiny: bool) -> dict:
+    """Whole calibration pass (hooked forward + statistics) vs the bare forward, same batches."""
+    import transformers
+
+    from ckptforge.calibration import LayerStats, _HookedForward, release_scratch
+    from ckptforge.families import detect_family
+
+    size = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+                patch_size=8) if tiny else {}
+    config = transformers.ViTConfig(**size)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    family = detect_family(config.to_dict())
+    layers = list(range(1, config.num_hidden_layers, 2))
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randn(min(batch, images - i), 3, config.image_size, config.image_size, generator=g)
+              for i in range(0, images, batch)]
+    out = {"images": images, "batch": batch, "layers": layers, "threads": torch.get_num_threads(),
+           "hidden": config.hidden_size, "d_ff": config.intermediate_size}
+    with torch.no_grad():
+        model(pixel_values=pixels[0])  # warm-up
+        for name, needs in (("importance", {"scores"}), ("coactivation", {"scores", "coactivation"})):
+            stats = {i: LayerStats(config.intermediate_size, config.hidden_size, needs=needs) for i in layers}
+            runner = _HookedForward(model, family, layers, stats, want_inputs=False)
+            bare = hooked = 0.0
+            for x in pixels:  # alternate, so drift on a shared machine hits both alike
+                t0 = time.perf_counter()
+                model(pixel_values=x)
+                bare += time.perf_counter() - t0
+                with runner.hooked():
+                    t0 = time.perf_counter()
+                    runner.forward({"pixel_values": x})
+                    hooked += time.perf_counter() - t0
+            release_scratch()
+            out[name] = {"bare_forward_s": round(bare, 3), "calibration_pass_s": round(hooked, 3),
+                         "ratio": round(hooked / bare, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=sorted(CASES))
+    parser.add_argument("--pass", dest="whole_pass", action="store_true", help="Whole calibration pass vs forward.")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
+    if args.whole_pass:
+        print(json.dumps(run_pass(args.images, args.batch, args.tiny)), flush=True)
+        return
     if args.case:
         print(json.dumps(run_case(args.case)), flush=True)
         return

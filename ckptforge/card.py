@@ -22,6 +22,16 @@ _PIPELINES = {
     "Qwen3MoeForCausalLM": "text-generation",
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: How the experts compute, for stock transformers MoE classes and for ckptforge's own (issue 15).
+_EXPERTS_BACKEND_STOCK = (
+    "transformers picks how the experts compute with `experts_implementation` in `from_pretrained`: "
+    "`\"grouped_mm\"` (its default where supported: all experts in two grouped GEMMs, not a loop over experts), "
+    "`\"batched_mm\"`, or `\"eager\"` (one expert at a time)."
+)
+_EXPERTS_BACKEND_REMOTE = (
+    "`experts_implementation` in `from_pretrained` picks how the experts compute: `\"auto\"` (default: grouped "
+    "GEMMs on CPU and for bf16 on CUDA GPUs of compute capability ≥ 8.0, the per-expert loop elsewhere), `\"grouped_mm\"` or `\"eager\"`."
+)
 
 
 def hub_repo_id(source_ref: str) -> str | None:
@@ -74,6 +84,7 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         "```python\nfrom transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\n```"
     )
+    backend = _EXPERTS_BACKEND_REMOTE if remote else _EXPERTS_BACKEND_STOCK
     lines = [
         f"# {plan.output_config['architectures'][0]} upcycled from `{ckpt.source}`",
         "",
@@ -101,6 +112,8 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         "## Loading",
         "",
         load,
+        "",
+        backend,
         "",
         "Provenance (options, source and output hashes) is in `ckptforge.json`.",
         "",

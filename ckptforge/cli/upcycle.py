@@ -97,6 +97,10 @@ def upcycle(
         from ckptforge.hub import check_repo_id
 
         check_repo_id(push_to)
+    if not dry_run and out is not None:  # issue 15: hash the source on the idle core while torch imports
+        from ckptforge.io.hashing import local_source_files, prehash
+
+        prehash(local_source_files(source))
     from ckptforge.config import UpcycleOptions, parse_size, router_settings
     from ckptforge.io.source import open_checkpoint
     from ckptforge.plan import build_plan

@@ -12,7 +12,6 @@ directory (single file or sharded with ``*.index.json``) or a Hub id ``org/name[
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from ckptforge.errors import HubError, SourceError, UnsafeCheckpointError
+from ckptforge.io.hashing import file_sha256, sha256_file  # noqa: F401  (sha256_file: public here too)
 
 #: Short names for well-known dense checkpoints (``ckptforge inspect --aliases``).
 ALIASES: dict[str, str] = {
@@ -123,7 +123,7 @@ class DenseCheckpoint:
     def file_hashes(self) -> dict[str, str]:
         """sha256 of config.json and every weight file, keyed by file name."""
         files = [self.root / "config.json", *self.weight_files]
-        return {p.name: sha256_file(p) for p in files if p.is_file()}
+        return {p.name: file_sha256(p) for p in files if p.is_file()}
 
     def aux_files(self) -> list[Path]:
         """Tokenizer / preprocessor files that travel into the output."""
@@ -137,18 +137,6 @@ class DenseCheckpoint:
         if not Path(self.source).expanduser().is_file():
             paths.append(self.root)
         return paths
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file, read into one reused buffer (a fresh block per read fragmented the heap
-    of a conversion hashing its source in the background: peak RSS grew with the model)."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def resolve_source(ref: str) -> tuple[Path, str | None]:

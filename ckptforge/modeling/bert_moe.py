@@ -20,6 +20,7 @@ from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .common import (
+    ExpertsImplementationMixin,
     MoEClassifierOutput,
     MoEModelOutput,
     SelfAttention,
@@ -41,6 +42,8 @@ class BertMoEConfig(BertConfig):
     expert_intermediate_size: int | None = None
     moe_router: dict | None = None
     moe_output_scale: float = 1.0
+    #: How the experts compute: auto | eager | grouped_mm (issue 15; see moe/experts.py).
+    experts_implementation: str = "auto"
 
     def __post_init__(self, **kwargs):
         self.moe_layers = list(self.moe_layers or [])
@@ -109,7 +112,7 @@ class BertMoELayer(nn.Module):
         return self.output.LayerNorm(self.dropout(self.feed_forward(h, token_mask)) + h)
 
 
-class BertMoEPreTrainedModel(PreTrainedModel):
+class BertMoEPreTrainedModel(ExpertsImplementationMixin, PreTrainedModel):
     config_class = BertMoEConfig
     config: BertMoEConfig
     base_model_prefix = "bert"

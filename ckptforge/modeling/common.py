@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
+from ..moe.experts import check_experts_implementation, set_experts_implementation
 from ..moe.layer import build_moe_layer
 
 
@@ -56,7 +57,24 @@ def build_moe(config) -> nn.Module:
         activation=config.hidden_act,
         router=config.moe_router,
         output_scale=config.moe_output_scale,
+        experts_implementation=getattr(config, "experts_implementation", "auto"),
     )
+
+
+class ExpertsImplementationMixin:
+    """Lets transformers' ``from_pretrained(..., experts_implementation=…)`` and
+    ``model.set_experts_implementation(…)`` choose how the MoE experts compute (auto | eager |
+    grouped_mm); the choice is ``config.experts_implementation``. Put before PreTrainedModel."""
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        name = check_experts_implementation(requested_experts or getattr(self.config, "experts_implementation", "auto"))
+        self.config.experts_implementation = name
+        set_experts_implementation(self, name)  # blocks already built (a switch after loading)
+        return name
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
 
 
 def total_aux_loss(model: nn.Module) -> torch.Tensor | None:

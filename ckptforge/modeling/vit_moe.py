@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, ViTConfig
 from transformers.activations import ACT2FN
 
 from .common import (
+    ExpertsImplementationMixin,
     MoEClassifierOutput,
     MoEModelOutput,
     SelfAttention,
@@ -41,6 +42,8 @@ class ViTMoEConfig(ViTConfig):
     expert_intermediate_size: int | None = None
     moe_router: dict | None = None
     moe_output_scale: float = 1.0
+    #: How the experts compute: auto | eager | grouped_mm (issue 15; see moe/experts.py).
+    experts_implementation: str = "auto"
 
     def __post_init__(self, **kwargs):
         self.moe_layers = list(self.moe_layers or [])
@@ -117,7 +120,7 @@ class ViTMoELayer(nn.Module):
         return x + self.dropout(self.feed_forward(self.layernorm_after(x)))
 
 
-class ViTMoEPreTrainedModel(PreTrainedModel):
+class ViTMoEPreTrainedModel(ExpertsImplementationMixin, PreTrainedModel):
     config_class = ViTMoEConfig
     config: ViTMoEConfig
     base_model_prefix = "vit"

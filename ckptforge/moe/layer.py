@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .experts import StackedExperts
+from .experts import StackedExperts, set_experts_implementation
 from .multihead import MultiHeadMoEFeedForward
 from .routers import ExpertChoiceRouter, TopKRouter
 from .settings import (
@@ -165,8 +165,10 @@ def active_expert_params(router: dict[str, Any] | None, expert_params: int, num_
 
 
 def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k: int, activation: str,
-                    router: dict[str, Any] | None = None, output_scale: float = 1.0) -> nn.Module:
-    """The MoE block for ``router['type']`` (default topk).
+                    router: dict[str, Any] | None = None, output_scale: float = 1.0,
+                    experts_implementation: str = "auto") -> nn.Module:
+    """The MoE block for ``router['type']`` (default topk); its experts compute with
+    ``experts_implementation`` (auto | eager | grouped_mm, see :mod:`.experts`).
 
         >>> build_moe_layer(8, 16, 4, 2, "gelu", {"type": "sphero"}).universal_experts.num_experts
         8
@@ -175,7 +177,9 @@ def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k
     if kind not in ROUTERS:
         raise ValueError(f"router type {kind!r} is not available; use one of {', '.join(ROUTERS)}")
     settings = router_settings(router)
-    return ROUTERS[settings.kind].build(hidden_size, expert_width, num_experts, top_k, activation, settings, output_scale)
+    layer = ROUTERS[settings.kind].build(hidden_size, expert_width, num_experts, top_k, activation, settings, output_scale)
+    set_experts_implementation(layer, experts_implementation)
+    return layer
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,10 @@ class SlotRouter(nn.Module):
     def cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of every token with every slot query: (B, T, n)."""
         keys = nn.functional.normalize(x.float(), dim=-1)
-        queries = nn.functional.normalize(self.norm(self.slots.float()), dim=-1)
+        # in fp32 whatever the parameters' dtype (a bf16 LayerNorm refuses fp32 input on CPU)
+        n = self.norm
+        slots = nn.functional.layer_norm(self.slots.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
+        queries = nn.functional.normalize(slots, dim=-1)
         return keys @ queries.T
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
