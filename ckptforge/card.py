@@ -90,6 +90,7 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         f"| router | {o.router.get('type')} (init {o.router_init}) |",
         f"| parameters total / active | {plan.params_total:,} / {plan.params_active:,} |",
         f"| seed | {o.seed} |",
+        *_score_rows(o.strategy_params),
         *_calibration_rows(calibration),
         "",
         "## Verification",
@@ -104,6 +105,14 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _score_rows(params: dict) -> list[str]:
+    """The importance score when it is a data-free one (from the weights, no calibration data)."""
+    score = params.get("score")
+    if score in (None, "activation"):
+        return []
+    return [f"| unit score | `{score}`: data-free, computed from the dense weights (no calibration data) |"]
 
 
 def _calibration_rows(calibration: dict | None) -> list[str]:
