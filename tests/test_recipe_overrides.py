@@ -26,7 +26,7 @@ CASES = [
     (VMOE, ["--strategy", "random", "--expert-width", "16"], "strategy_params.expert_width", 16),
     (SPHERO, ["--expert-ratio", "0.5", "--calibration", SAMPLES], "strategy_params.expert_ratio", 0.5),
     (SPHERO, ["--metric", "l1", "--calibration", SAMPLES], "strategy_params.metric", "l1"),
-    (SPHERO, ["--importance-score", "down-norm"], "strategy_params.score", "down-norm"),
+    (VMOE, ["--strategy", "importance", "--importance-score", "down-norm"], "strategy_params.score", "down-norm"),
     (VMOE, ["--strategy", "random", "--coactivation-mode", "partition"], "strategy_params.mode", "partition"),
     (VMOE, ["--strategy", "coactivation", "--parts", "8", "--coactivation-mode", "sample", "--calibration", SAMPLES],
      "strategy_params.parts", 8),
