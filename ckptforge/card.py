@@ -102,6 +102,7 @@ def render_card(plan: Any, ckpt: DenseCheckpoint, verify: Any = None, calibratio
         f"| router | {o.router.get('type')} (init {o.router_init}) |",
         f"| parameters total / active | {plan.params_total:,} / {plan.params_active:,} |",
         f"| seed | {o.seed} |",
+        *_score_rows(o.strategy_params),
         *_calibration_rows(calibration),
         *_teacher_rows(plan, calibration),  # issue 13
         "",
@@ -134,6 +135,14 @@ def _teacher_rows(plan: Any, calibration: dict | None) -> list[str]:
         f"{teacher['hidden_size']} channels by importance at its FFN input; every other weight from the student |",
         f"| teacher channels | {shown} (all in `ckptforge.json`, `teacher.channels`) |",
     ]
+
+
+def _score_rows(params: dict) -> list[str]:
+    """The importance score when it is a data-free one (from the weights, no calibration data)."""
+    score = params.get("score")
+    if score in (None, "activation"):
+        return []
+    return [f"| unit score | `{score}`: data-free, computed from the dense weights (no calibration data) |"]
 
 
 def _calibration_rows(calibration: dict | None) -> list[str]:

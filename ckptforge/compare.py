@@ -43,6 +43,8 @@ class StrategyRow:
     coverage: float | None = None
     seconds: float | None = None
     error: str | None = None
+    #: the strategy parameters this row used beyond the shared ones (e.g. ``{"score": "weight-norm"}``)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,8 +64,13 @@ class Comparison:
 
 def compare_strategies(source: str | Path, calibration: str | Path, *, num_experts: int = 8, top_k: int = 2,
                        layers: str = "every-2", strategies: list[str] | None = None, samples: int = 256,
-                       batch_size: int = 16, heldout: float = 0.25, seed: int = 0) -> Comparison:
-    """Convert ``source`` with every strategy (default: all registered) and measure each one."""
+                       batch_size: int = 16, heldout: float = 0.25, seed: int = 0,
+                       strategy_params: dict[str, Any] | None = None) -> Comparison:
+    """Convert ``source`` with every strategy (default: all registered) and measure each one.
+
+    ``strategy_params`` (upcycle's strategy options) go to every strategy; each strategy's
+    ``compare_variants`` add rows (importance: its data-free score beside the activation score).
+    """
     names = strategies or list(STRATEGIES)
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
@@ -89,11 +96,28 @@ def compare_strategies(source: str | Path, calibration: str | Path, *, num_exper
     report = Comparison(ckpt.source, num_experts, top_k, moe_layers, stats.calibration, n_held,
                         round(stats_seconds, 3))
     with tempfile.TemporaryDirectory(prefix="ckptforge-compare-") as tmp:
-        for name in names:
-            options = UpcycleOptions(num_experts=num_experts, top_k=top_k, layers=layers, strategy=name, seed=seed)
-            report.rows.append(_measure(source, Path(tmp) / name, options, stats, data, n_held, dense_out))
+        for i, (name, variant) in enumerate(_runs(names, strategy_params or {})):
+            options = UpcycleOptions(num_experts=num_experts, top_k=top_k, layers=layers, strategy=name, seed=seed,
+                                     strategy_params=variant)
+            row = _measure(source, Path(tmp) / f"{i}-{name}", options, stats, data, n_held, dense_out)
+            row.params = {k: v for k, v in variant.items() if (strategy_params or {}).get(k) != v}
+            report.rows.append(row)
     ckpt.close()
     return report
+
+
+def _runs(names: list[str], shared: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(strategy, params) per row: the shared params, then each of the strategy's compare variants."""
+    runs = []
+    for name in names:
+        runs.append((name, dict(shared)))
+        for variant in STRATEGIES[name].compare_variants:
+            params = {**shared, **variant}
+            if params.get("score", "activation") != "activation":
+                params.pop("metric", None)  # a data-free score has no activation metric
+            if params != shared:
+                runs.append((name, params))
+    return runs
 
 
 def _measure(source: str | Path, out: Path, options: UpcycleOptions, stats: Any, data: CalibrationSet,

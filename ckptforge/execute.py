@@ -72,8 +72,9 @@ def upcycle(
     if base_model is not None:
         check_base_model(base_model)
     ckpt = source if isinstance(source, DenseCheckpoint) else open_checkpoint(str(source))
-    if plan is None or plan.options is not options:
+    if plan is None:
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
+    options = plan.options  # with the defaults the plan resolved (e.g. a data-free importance score)
     teacher = open_checkpoint(options.teacher) if options.teacher else None  # issue 13: cross-size
     reads = [*ckpt.read_paths(), *(teacher.read_paths() if teacher else []), *local_paths([options.calibration])]
     target = AtomicOutput(out, force, reads)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import re
 import shutil
@@ -143,6 +145,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     config = ckpt.config
     family = detect_family(config)
     _check_recipe_family(options, family.name)
+    options = _resolved(options, has_stats)
     problems = options.problems() + family.check(config)
     dims = family.dims(config)
     if bounds := bound_problems(options.num_experts, options.top_k, options.router.get("universal_experts")):
@@ -207,6 +210,16 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
                 f"{plan.free_bytes / 1e9:.2f} GB free; free space or choose another --out"
             )
     return plan
+
+
+def _resolved(options: UpcycleOptions, has_stats: bool) -> UpcycleOptions:
+    """``options`` with the strategy's data-dependent defaults filled in (e.g. importance without
+    calibration data scores units from the weights); the plan carries the result."""
+    strategy = STRATEGIES.get(options.strategy)
+    if strategy is None:
+        return options
+    params = strategy.resolve_params(options.strategy_params, has_stats or bool(options.calibration))
+    return options if params is options.strategy_params else dataclasses.replace(options, strategy_params=params)
 
 
 def _check_recipe_family(options: UpcycleOptions, family: str) -> None:

@@ -26,6 +26,7 @@ CASES = [
     (VMOE, ["--strategy", "random", "--expert-width", "16"], "strategy_params.expert_width", 16),
     (SPHERO, ["--expert-ratio", "0.5", "--calibration", SAMPLES], "strategy_params.expert_ratio", 0.5),
     (SPHERO, ["--metric", "l1", "--calibration", SAMPLES], "strategy_params.metric", "l1"),
+    (VMOE, ["--strategy", "importance", "--importance-score", "down-norm"], "strategy_params.score", "down-norm"),
     (VMOE, ["--strategy", "random", "--coactivation-mode", "partition"], "strategy_params.mode", "partition"),
     (VMOE, ["--strategy", "coactivation", "--parts", "8", "--coactivation-mode", "sample", "--calibration", SAMPLES],
      "strategy_params.parts", 8),
@@ -89,7 +90,7 @@ def test_the_cases_cover_every_option_field_router_setting_and_strategy_paramete
     for kind, cls in ROUTER_SETTINGS.items():
         assert {f"router.{f.name}" for f in fields(cls) if f.name != "given"} <= covered, kind
     assert {f"strategy_params.{k}" for k in ("expert_width", "expert_ratio", "metric", "mode", "parts", "threshold",
-                                             "output_scale", "noise_std", "drop_ratio")} <= covered
+                                             "output_scale", "noise_std", "drop_ratio", "score")} <= covered
 
 
 @pytest.fixture(scope="module")

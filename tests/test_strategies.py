@@ -157,7 +157,8 @@ def test_bad_widths_parts_and_missing_calibration(tiny):
                           calibration="x") == [
         "--parts 2 is fewer than --experts 4; partition mode needs at least one part per expert: "
         "use --parts 4 or leave it out"]
-    assert _plan_problems(tiny, num_experts=4, strategy="importance") == [
+    # issue 12: importance alone now scores from the weights; the activation score still needs data
+    assert _plan_problems(tiny, num_experts=4, strategy="importance", strategy_params={"score": "activation"}) == [
         "--strategy importance needs activation statistics; pass --calibration PATH "
         "(a folder of images, a .txt/.jsonl file or a dataset)"]
     assert _plan_problems(tiny, num_experts=3, strategy="coactivation", calibration="x") == [

@@ -8,6 +8,10 @@ import typer
 from rich.table import Table
 
 from .options import CalibBatchOpt, CalibSamplesOpt, JsonOpt, SeedOpt, emit_json, stdout
+from .options import (  # issue 12
+    ExpertRatioOpt, ExpertsOpt, ExpertWidthOpt, ImportanceScoreOpt, LayersOpt, MetricOpt, ModeOpt, OutputScaleOpt,
+    PartsOpt, ThresholdOpt, TopKOpt, subset_params,
+)
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
     from ckptforge.compare import Comparison
@@ -16,10 +20,19 @@ if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for
 def compare(
     source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id.")],
     calibration: Annotated[str, typer.Option("--calibration", help="Image folder, .txt/.jsonl file or dataset.")],
-    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
-    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | i,j,k.")] = "every-2",
+    experts: ExpertsOpt = 8,
+    top_k: TopKOpt = 2,
+    layers: LayersOpt = "every-2",
     strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list (default: all).")] = None,
+    # --- issue 12: upcycle's strategy options, from the same definitions; each goes to every strategy ---
+    expert_width: ExpertWidthOpt = None,
+    expert_ratio: ExpertRatioOpt = None,
+    metric: MetricOpt = None,
+    coactivation_mode: ModeOpt = None,
+    parts: PartsOpt = None,
+    threshold: ThresholdOpt = None,
+    output_scale: OutputScaleOpt = None,
+    importance_score: ImportanceScoreOpt = None,
     heldout: Annotated[float, typer.Option("--heldout", help="Fraction of samples held out for the init gap.")] = 0.25,
     calib_samples: CalibSamplesOpt = 256,
     calib_batch_size: CalibBatchOpt = 16,
@@ -32,7 +45,9 @@ def compare(
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
     report = compare_strategies(source, calibration, num_experts=experts, top_k=top_k, layers=layers,
                                 strategies=names, samples=calib_samples, batch_size=calib_batch_size,
-                                heldout=heldout, seed=seed)
+                                heldout=heldout, seed=seed, strategy_params=subset_params(
+                                    expert_width, expert_ratio, metric, coactivation_mode, parts, threshold,
+                                    output_scale, importance_score))
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -46,10 +61,11 @@ def render(report: Comparison) -> None:
         f"stats from {cal.get('samples')} samples of {cal.get('source')} ({report.stats_seconds:.1f} s), "
         f"gap on {report.heldout_samples} held out"))
     for r in report.rows:
+        name = r.strategy + "".join(f" ({k}={v})" for k, v in r.params.items())
         if r.error:
-            table.add_row(r.strategy, "—", f"[red]{r.error}[/]", "", "", "")
+            table.add_row(name, "—", f"[red]{r.error}[/]", "", "", "")
         else:
-            table.add_row(r.strategy, str(r.expert_width), f"{r.init_gap:.4f}", f"{r.overlap:.3f}",
+            table.add_row(name, str(r.expert_width), f"{r.init_gap:.4f}", f"{r.overlap:.3f}",
                           f"{r.coverage:.3f}", f"{r.seconds:.2f}")
     stdout.print(table)
     stdout.print("init gap: relative L2 error of the final output vs dense (lower is closer); "

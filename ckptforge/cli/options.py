@@ -11,12 +11,19 @@ from typing import Annotated, Any, Iterator
 import typer
 from rich.console import Console
 
+from ckptforge.strategies.importance import DATA_FREE_SCORES, DEFAULT_DATA_FREE_SCORE
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a previous ckptforge output (or an empty directory); never other files.")]
 TolOpt = Annotated[float, typer.Option("--tol", help="Largest relative L2 error that passes verification.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same bytes.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+
+# --- shared by upcycle and compare-strategies (issue 12: defined once) ---
+ExpertsOpt = Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")]
+LayersOpt = Annotated[str, typer.Option("--layers", help="all | every-N | last-N | last-P% | i,j,k (every-2: layers 1,3,5,…).")]
 
 # --- strategy / calibration options (issue 3), shared by upcycle and compare-strategies ---
 ExpertWidthOpt = Annotated[int | None, typer.Option("--expert-width", help="Hidden units per expert S (default d_ff/E).")]
@@ -28,6 +35,9 @@ PartsOpt = Annotated[int | None, typer.Option("--parts", help="coactivation: MET
 ThresholdOpt = Annotated[str | None, typer.Option("--threshold", help="coactivation: a unit is active above zero | p90.")]
 OutputScaleOpt = Annotated[str | None, typer.Option(
     "--output-scale", help="Factor on the combined expert output: auto | 1 | k | E/k | G | number.")]
+ImportanceScoreOpt = Annotated[str | None, typer.Option(  # issue 12: data-free importance
+    "--importance-score", help=f"importance: unit score activation (from --calibration; the default with it) | "
+    f"{' | '.join(DATA_FREE_SCORES)} (data-free, from the weights; {DEFAULT_DATA_FREE_SCORE} without --calibration).")]
 CalibrationOpt = Annotated[str | None, typer.Option(
     "--calibration", help="Calibration data: image folder, .txt/.jsonl file, or dataset id/dir.")]
 CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use.")]
@@ -37,10 +47,11 @@ StatsCacheOpt = Annotated[Path | None, typer.Option(
 
 
 def subset_params(expert_width: int | None, expert_ratio: float | None, metric: str | None, mode: str | None,
-                  parts: int | None, threshold: str | None, output_scale: str | None) -> dict[str, Any]:
+                  parts: int | None, threshold: str | None, output_scale: str | None,
+                  score: str | None = None) -> dict[str, Any]:
     """The strategy_params the subset-strategy options set (only those given)."""
     given = {"expert_width": expert_width, "expert_ratio": expert_ratio, "metric": metric, "mode": mode,
-             "parts": parts, "threshold": threshold, "output_scale": output_scale}
+             "parts": parts, "threshold": threshold, "output_scale": output_scale, "score": score}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -58,7 +58,7 @@ FLAG_FIELDS: dict[str, str | tuple[str, str]] = {
     "experts": "num_experts", "core_experts": "num_experts", "router": ("router", "type"),
     **{name: ("strategy_params", name) for name in ("noise_std", "drop_ratio", "expert_width", "expert_ratio",
                                                     "metric", "parts", "threshold", "output_scale")},
-    "coactivation_mode": ("strategy_params", "mode"),
+    "coactivation_mode": ("strategy_params", "mode"), "importance_score": ("strategy_params", "score"),
     **{param: ("router", setting) for param, setting in router_flag_params().items()},
 }
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may bring its own click enum

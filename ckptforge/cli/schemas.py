@@ -50,7 +50,7 @@ COMPARE = _obj({
     "heldout_samples": _INT, "stats_seconds": _NUM,
     "rows": {"type": "array", "items": _obj({
         "strategy": _STR, "expert_width": _NULL_INT, "init_gap": _NULL_NUM, "overlap": _NULL_NUM,
-        "coverage": _NULL_NUM, "seconds": _NULL_NUM, "error": _NULL_STR})},
+        "coverage": _NULL_NUM, "seconds": _NULL_NUM, "error": _NULL_STR}, {"params": _OBJ})},
 })
 FINETUNE = _obj({
     "model_dir": _STR, "report_dir": _STR, "options": _OBJ, "settings": _OBJ, "data": _OBJ, "device": _OBJ,

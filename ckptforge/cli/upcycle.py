@@ -15,12 +15,15 @@ from .push import push_output
 from .recipes import apply_recipe
 from .router_options import router_choices, router_flag_params, with_router_flags
 from .options import (
-    CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, ExpertRatioOpt, ExpertWidthOpt, MetricOpt, ModeOpt, OutputScaleOpt,
-    PartsOpt, StatsCacheOpt, ThresholdOpt, subset_params,
+    CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, ExpertRatioOpt, ExpertWidthOpt, ImportanceScoreOpt, MetricOpt,
+    ModeOpt, OutputScaleOpt, PartsOpt, StatsCacheOpt, ThresholdOpt, subset_params,
+)
+from .options import (  # issue 12: shared with compare-strategies
+    ExpertsOpt, LayersOpt, TopKOpt,
 )
 from .options import (
     ForceOpt, JsonOpt, OutOpt, QuietOpt, SeedOpt, TolOpt, byte_progress, emit_json, fail_verification, show_progress,
-    stdout,
+    stderr, stdout,
 )
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
@@ -33,9 +36,9 @@ def upcycle(
     ctx: typer.Context,
     source: Annotated[str | None, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev] (the base with --expert-source; omitted with --config).")] = None,
     out: OutOpt = None,
-    experts: Annotated[int, typer.Option("--experts", "-e", help="Experts per MoE layer (E).")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")] = 2,
-    layers: Annotated[str, typer.Option("--layers", help="all | every-N | last-N | last-P% | i,j,k (every-2: layers 1,3,5,…).")] = "every-2",
+    experts: ExpertsOpt = 8,
+    top_k: TopKOpt = 2,
+    layers: LayersOpt = "every-2",
     strategy: Annotated[str | None, typer.Option("--strategy", "-s", help=f"Expert initialisation strategy (default copy-all; soft/sphero with --calibration: {SLOT_ROUTER_STRATEGY}).")] = None,
     noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
@@ -49,6 +52,7 @@ def upcycle(
     parts: PartsOpt = None,
     threshold: ThresholdOpt = None,
     output_scale: OutputScaleOpt = None,
+    importance_score: ImportanceScoreOpt = None,
     calibration: CalibrationOpt = None,
     calib_samples: CalibSamplesOpt = 256,
     calib_batch_size: CalibBatchOpt = 16,
@@ -112,7 +116,7 @@ def upcycle(
     names = router_flag_params()
     settings = router_settings(router, **{names[k]: v for k, v in router_flags.items()})
     strategy_params = {"noise_std": noise_std or None, "drop_ratio": drop_ratio or None, **subset_params(
-        expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale)}
+        expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale, importance_score)}
     options = UpcycleOptions(
         num_experts=core_experts or experts, top_k=top_k, layers=layers, strategy=strategy, router=settings,
         strategy_params={k: v for k, v in strategy_params.items() if v is not None},
@@ -125,6 +129,7 @@ def upcycle(
         options = apply_recipe(ctx, recipe, options)
     ckpt = open_checkpoint(source)  # issue 12: opened and planned once
     plan = build_plan(ckpt, options, out)
+    _say_data_free(options, plan)
     if dry_run:
         if as_json:
             emit_json({"dry_run": True, "plan": plan.to_dict(), "options": options.to_dict(), "recipe": options.recipe})
@@ -139,6 +144,14 @@ def upcycle(
         result = run_upcycle(ckpt, out, options, force=force, verify=verify, tol=tol, progress=progress, plan=plan,
                              base_model=base_model)
     _report(result, options, push_to, as_json, quiet, tol)
+
+
+def _say_data_free(options: UpcycleOptions, plan: Plan) -> None:
+    """One stderr line (also with --quiet/--json) when the plan chose a data-free importance score."""
+    score = plan.options.strategy_params.get("score")
+    if score is not None and "score" not in options.strategy_params:
+        stderr.print(f"note: no --calibration, so --strategy {plan.options.strategy} scores units from the "
+                     f"weights (--importance-score {score}); pass --calibration PATH for activation scores")
 
 
 def _report(result: Any, options: UpcycleOptions, push_to: str | None, as_json: bool, quiet: bool, tol: float) -> None:

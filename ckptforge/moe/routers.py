@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .settings import ExpertChoiceSettings, TopKSettings
+
 
 @dataclass
 class Routing:
@@ -42,8 +44,9 @@ class TopKRouter(nn.Module):
         (torch.Size([5, 2]), True)
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool = True,
-                 noise_std: float | None = None, capacity_factor: float | None = None, bpr: bool = True):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool = TopKSettings.normalize,
+                 noise_std: float | None = TopKSettings.noise_std,
+                 capacity_factor: float | None = TopKSettings.capacity_factor, bpr: bool = TopKSettings.bpr):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -122,7 +125,7 @@ class ExpertChoiceRouter(nn.Module):
         [3, 3, 3, 3]
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float = 2.0):
+    def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float = ExpertChoiceSettings.capacity_factor):
         super().__init__()
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .experts import StackedExperts
+from .settings import SoftSettings
 
 
 def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -43,7 +44,8 @@ class SlotRouter(nn.Module):
         (True, True)
     """
 
-    def __init__(self, hidden_size: int, num_slots: int, temperature: float = 0.5, combine: str = "softmax"):
+    def __init__(self, hidden_size: int, num_slots: int, temperature: float = SoftSettings.temperature,
+                 combine: str = SoftSettings.combine):
         super().__init__()
         if combine not in ("softmax", "entmax15"):
             raise ValueError(f"combine {combine!r} is not available; use 'softmax' or 'entmax15'")
@@ -85,8 +87,9 @@ class SoftMoEFeedForward(nn.Module):
     """
 
     def __init__(self, hidden_size: int, expert_width: int, num_experts: int, activation: str, *,
-                 slots: int = 1, universal_experts: int = 0, universal_width: int = 0, temperature: float = 0.5,
-                 combine: str = "softmax", expert_dropout: float = 0.0, drop_path: float = 0.0,
+                 slots: int = SoftSettings.slots, universal_experts: int = 0, universal_width: int = 0,
+                 temperature: float = SoftSettings.temperature, combine: str = SoftSettings.combine,
+                 expert_dropout: float = SoftSettings.expert_dropout, drop_path: float = SoftSettings.drop_path,
                  output_scale: float = 1.0, bias: bool = True):
         super().__init__()
         self.slots_per_expert = slots

@@ -56,10 +56,17 @@ class Strategy:
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    #: Parameter sets compare-strategies measures beside the defaults (e.g. importance's data-free score).
+    compare_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def validate(self, params: dict[str, Any], intermediate_size: int, num_experts: int, top_k: int) -> list[str]:
         """Problems with ``params`` for this FFN size; empty when fine (checked before any tensor is read)."""
         return []
+
+    def resolve_params(self, params: dict[str, Any], has_data: bool) -> dict[str, Any]:
+        """``params`` with the defaults that depend on whether calibration data is given filled in
+        (recorded in ckptforge.json); the same dict when none apply."""
+        return params
 
     def stats_needed(self, params: dict[str, Any]) -> set[str]:
         """What the strategy reads from calibration: ``scores`` (per-unit L1/L2/count) and/or
