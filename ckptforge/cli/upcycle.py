@@ -14,7 +14,6 @@ from ckptforge.execute import upcycle as run_upcycle
 from ckptforge.io.source import open_checkpoint
 from ckptforge.plan import Plan, build_plan
 
-from .multisource import run_multisource, wants_multisource  # issue 14
 from .push import push_output
 from .recipes import apply_recipe, check_recipe_family
 from .options import (
@@ -93,7 +92,9 @@ def upcycle(
     # --- end issue 14 ---
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
-    if wants_multisource(moe_config, expert_source, shared_expert):  # issue 14
+    if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported lazily: --help stays fast)
+        from .multisource import run_multisource
+
         return run_multisource(ctx, locals())
     if source is None:  # issue 14
         raise UsageError("SOURCE is required: ckptforge upcycle SOURCE --out DIR (or --config moe.yml for a multi-source MoE)")
