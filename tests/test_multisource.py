@@ -10,7 +10,6 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from ckptforge.errors import PlanError, SourceError
 from ckptforge.multisource import MoESpec, load_moe_config, upcycle_multisource
 from ckptforge.multisource.spec import ExpertSpec
 

@@ -6,7 +6,6 @@ Thin: builds the :class:`~ckptforge.multisource.MoESpec`, calls the library, ren
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 from ckptforge.config import parse_size
@@ -26,10 +25,6 @@ CARVE_APPLIES = {"source", "out", "experts", "top_k", "layers", "seed", "dtype",
                  "quiet", "verify", "tol", "calibration", "calib_samples", "calib_batch_size", "router_init",
                  "router_init_std", "shared_expert"}
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")
-
-
-def wants_multisource(moe_config: Path | None, expert_source: list[str] | None, shared_expert: list[str] | None) -> bool:
-    return moe_config is not None or bool(expert_source) or bool(shared_expert)
 
 
 def run_multisource(ctx: Any, p: dict[str, Any]) -> None:

@@ -88,7 +88,7 @@ def upcycle(
     **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
-    if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported here: it loads torch)
+    if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported lazily: --help stays fast)
         from .multisource import run_multisource
 
         return run_multisource(ctx, locals())

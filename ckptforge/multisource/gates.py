@@ -138,8 +138,8 @@ def _embedding_sums(base: DenseCheckpoint, batch: dict[str, torch.Tensor]) -> to
     from .runner import LayerRunner
 
     runner = LayerRunner(base)
-    embed = runner.read(runner.decoder.embed_tokens, "weight")
-    h = torch.nn.functional.embedding(batch["input_ids"], embed)
+    embed = runner.read(runner.decoder.embed_tokens, "weight", cast=False)
+    h = torch.nn.functional.embedding(batch["input_ids"], embed).float()
     return (h * batch["attention_mask"].unsqueeze(-1)).sum(1)
 
 

@@ -54,8 +54,8 @@ class LayerRunner:
         ``visit`` sees the hidden states entering each layer (and, at index L, leaving the last one), just
         before that batch goes through the layer, so ``hooks`` know which batch they see."""
         stop = self.num_layers - 1 if last_layer is None else last_layer
-        embed = self.read(self.decoder.embed_tokens, "weight")
-        hidden = [torch.nn.functional.embedding(b["input_ids"], embed) for b in batches]
+        embed = self.read(self.decoder.embed_tokens, "weight", cast=False)  # vocab × d: keep it in its stored dtype
+        hidden = [torch.nn.functional.embedding(b["input_ids"], embed).to(self.dtype) for b in batches]
         del embed
         positions = [torch.arange(h.shape[1]).unsqueeze(0) for h in hidden]
         rotary = [self.rotary(h, p) for h, p in zip(hidden, positions)]
@@ -105,14 +105,16 @@ class LayerRunner:
         module.load_state_dict(state, strict=True)
         return module.eval()
 
-    def read(self, module: torch.nn.Module, param: str) -> torch.Tensor:
-        """One parameter of ``module`` (named as in the meta model), read from the checkpoint as ``dtype``."""
+    def read(self, module: torch.nn.Module, param: str, cast: bool = True) -> torch.Tensor:
+        """One parameter of ``module`` (named as in the meta model), read from the checkpoint (as ``dtype``
+        when ``cast``)."""
         name = f"{self.paths[id(module)]}.{param}"
         canon = next(iter(self.family.canonical_names([name])))
         stored = self.canonical.get(canon, name)
         if stored not in self.ckpt.tensors:
             raise UsageError(f"the checkpoint has no tensor {name}; it does not match its config")
-        return self.ckpt.read(stored).to(self.dtype)
+        tensor = self.ckpt.read(stored)
+        return tensor.to(self.dtype) if cast else tensor
 
 
 def collect_stats_layerwise(ckpt: DenseCheckpoint, data, layers: list[int], *, threshold: str = "zero",
