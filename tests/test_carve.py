@@ -69,6 +69,10 @@ def test_carve_cli_and_refusals(tmp_path):
     assert no_data.returncode == 2 and not (tmp_path / "x").exists()
     assert no_data.stderr.strip() == ("error: --shared-expert carved needs SOURCE, --calibration DATA (which units fire "
                                       "most) and --out DIR")
+    mixed = run_cli("upcycle", str(src), "--shared-expert", "carved", "--expert-source", str(src),
+                    "--out", str(tmp_path / "z"))
+    assert mixed.returncode == 2 and not (tmp_path / "z").exists()
+    assert "--shared-expert carved splits the base's own FFN" in mixed.stderr
     qwen3 = add_tokenizer(build_tiny("qwen3", tmp_path / "q3"))
     with pytest.raises(PlanError, match="a carved shared expert needs an output format with one"):
         carve_shared_expert(qwen3, tmp_path / "y", num_experts=2, top_k=2, calibration=str(calib))

@@ -16,6 +16,7 @@ from ckptforge.config import UpcycleOptions
 from ckptforge.recipes import RecipeError, load_recipe, recipe_paths, validate_recipe
 from ckptforge.strategies import STRATEGIES
 from calib_helpers import add_tokenizer, image_folder, text_file
+from ckptforge.families import FAMILIES
 from conftest import FAMILY_MODELS, read_json
 
 SHIPPED = recipe_paths()
@@ -85,7 +86,7 @@ def test_a_broken_recipe_reports_every_problem_with_its_field_path(tmp_path, cli
         "paper: must be a string, not int",
         "summary: missing (a string)",
         "colour: unknown field; allowed: family, method, name, options, paper, summary",
-        "family: 'gpt2' is not a registered family; use one of vit, bert, llama",
+        "family: 'gpt2' is not a registered family; use one of " + ", ".join(FAMILIES),
         "options.num_experts: must be an integer, not str",
         "options.warp_speed: unknown option; allowed: " + ", ".join(sorted(RECIPE_OPTIONS)),
         "options.router.type: missing (a string such as topk)",

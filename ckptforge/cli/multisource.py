@@ -112,6 +112,9 @@ def _spec(p: dict[str, Any], given: set[str]) -> MoESpec:
     dtype = None if p["dtype"] == "auto" else p["dtype"]
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r} is not one of auto, float32, float16, bfloat16")
+    if "carved" in (p["shared_expert"] or []):
+        raise UsageError("--shared-expert carved splits the base's own FFN and takes no other shared experts, "
+                         "--expert-source or --config; use it alone with SOURCE and --calibration")
     shared = tuple(ExpertSpec("" if s == "dense" else s) for s in p["shared_expert"] or [])
     if p["moe_config"] is not None:
         if p["source"] is not None or p["expert_source"]:
