@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ckptforge import __version__
+from ckptforge.calibration import dense_weights_path
 from ckptforge.config import ROUTER_SETTINGS
 from ckptforge.datasets import TASKS, TaskData, load_task_data, task_for
 from ckptforge.errors import PlanError, UsageError
@@ -146,7 +147,7 @@ def evaluate(model_ref: str | Path, options: EvalOptions) -> EvalReport:
     ckpt = open_checkpoint(str(model_ref))
     config, root = ckpt.config, ckpt.root
     task = _task(config)
-    weights = _weights_path(ckpt)
+    weights = dense_weights_path(ckpt)
     ckpt.close()
     model = load_model(weights, config)
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
@@ -176,13 +177,6 @@ def _task(config: dict[str, Any]) -> Any:
         heads = ", ".join(t.arch_suffix for t in TASKS.values())
         raise UsageError(f"eval needs a model with a head ({heads}); architectures="
                          f"{config.get('architectures')} has none") from None
-
-
-def _weights_path(ckpt: Any) -> Path:
-    single = len(ckpt.weight_files) == 1
-    if single and ckpt.weight_files[0].name not in ("model.safetensors", "pytorch_model.bin"):
-        return ckpt.weight_files[0]
-    return ckpt.root
 
 
 def _router_name(config: dict[str, Any]) -> str | None:
