@@ -223,6 +223,13 @@ def _device(device: str) -> torch.device:
     return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def _grouped_mm_flops(a_shape: torch.Size, b_shape: torch.Size, *args: object, **kwargs: object) -> int:
+    """FLOPs of a grouped GEMM with 2-D ``a`` (M, K) split into groups over 3-D ``b`` (G, K, N): 2·M·K·N.
+
+    torch's FLOP counter has no formula for ``grouped_mm`` (the experts' fast path), so it is given here."""
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+
 def _run(model: nn.Module, data: TaskData, options: EvalOptions, device: torch.device,
          capacity: float | None, bpr: bool | None, keep_saved: bool = False) -> EvalRow:
     """One pass over the eval set with every top-k router set to ``capacity`` / ``bpr``."""
@@ -239,7 +246,7 @@ def _run(model: nn.Module, data: TaskData, options: EvalOptions, device: torch.d
         router.requested = 0
     step = STEP_FNS[data.task.name]
     losses, correct = [], []
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops})
     with torch.no_grad(), counter:
         for batch in DataLoader(data.eval, batch_size=options.batch_size):
             batch = [t.to(device) for t in batch]
