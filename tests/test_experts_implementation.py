@@ -37,6 +37,20 @@ class _CountingGroupedMM:
         monkeypatch.setattr(nn.functional, "grouped_mm", counted)
 
 
+class _count_expert_calls:
+    """Counts calls to StackedExperts.forward (token-routed experts) and passes them through."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        real = StackedExperts.forward
+
+        def counted(module, *args, **kwargs):
+            self.count += 1
+            return real(module, *args, **kwargs)
+
+        monkeypatch.setattr(StackedExperts, "forward", counted)
+
+
 def _run(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor, upstream: torch.Tensor):
     x = x.clone().requires_grad_(True)
     out = layer(x, mask)
@@ -63,9 +77,12 @@ def test_grouped_mm_equals_the_loop_forward_and_backward(router, monkeypatch):
     spy = _CountingGroupedMM(monkeypatch)
     ref_out, ref_dx, ref_grads = _run(eager.train(), x, mask, upstream)
     assert spy.calls == 0
+    expert_calls = _count_expert_calls(monkeypatch)
     out, dx, grads = _run(grouped.train(), x, mask, upstream)
     token_routed = router in ("topk", "expert-choice", "mh")
-    assert spy.calls == (2 if token_routed else 0)  # soft/sphero run one bmm per group already
+    # two grouped GEMMs per experts call (real tokens, and for top-k the padded ones routed outside
+    # the capacity accounting); soft/sphero run one bmm per group already
+    assert spy.calls == (2 * expert_calls.count if token_routed else 0) and (expert_calls.count > 0) == token_routed
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys() and any("w1" in n for n in grads)
