@@ -68,7 +68,7 @@ def compare_strategies(source: str | Path, calibration: str | Path, *, num_exper
                        strategy_params: dict[str, Any] | None = None) -> Comparison:
     """Convert ``source`` with every strategy (default: all registered) and measure each one.
 
-    ``strategy_params`` (upcycle's strategy options) go to every strategy; each strategy's
+    ``strategy_params`` (upcycle's strategy options) go to the strategies that take them; each strategy's
     ``compare_variants`` add rows (importance: its data-free score beside the activation score).
     """
     names = strategies or list(STRATEGIES)
@@ -110,12 +110,13 @@ def _runs(names: list[str], shared: dict[str, Any]) -> list[tuple[str, dict[str,
     """(strategy, params) per row: the shared params, then each of the strategy's compare variants."""
     runs = []
     for name in names:
-        runs.append((name, dict(shared)))
+        own = {k: v for k, v in shared.items() if k in STRATEGIES[name].params}  # the options it takes
+        runs.append((name, own))
         for variant in STRATEGIES[name].compare_variants:
-            params = {**shared, **variant}
+            params = {**own, **variant}
             if params.get("score", "activation") != "activation":
                 params.pop("metric", None)  # a data-free score has no activation metric
-            if params != shared:
+            if params != own:
                 runs.append((name, params))
     return runs
 

@@ -23,8 +23,6 @@ ROUTER_INITS = ("normal", "zeros", "centroid")
 #: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
 #: importance sampling); otherwise (and for every other router) the default is copy-all.
 SLOT_ROUTER_STRATEGY = "importance"
-#: Strategy parameters that only copy-all takes.
-COPY_ALL_PARAMS = ("noise_std", "drop_ratio")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -83,8 +81,6 @@ class UpcycleOptions:
             out.append("--calib-samples and --calib-batch-size must be at least 1")
         if self.shard_size < 1:
             out.append("--shard-size must be positive, e.g. 5GB or 500MB")
-        if self.strategy != "copy-all" and any(k in self.strategy_params for k in COPY_ALL_PARAMS):
-            out.append(f"--noise-std and --drop-ratio apply to --strategy copy-all only, not {self.strategy}; drop them")
         return out + router_problems(self.router)
 
 

@@ -108,9 +108,10 @@ def test_upcycle_records_calibration_and_centroid_router(tiny, tmp_path):
 
 def test_cli_exit_codes_for_calibration_problems(tiny, tmp_path):
     src = tiny("vit")
-    r = run_cli("upcycle", str(src), "--out", str(tmp_path / "o"), "--strategy", "importance", "--json")
+    # issue 12: importance alone now scores from the weights; coactivation still needs data
+    r = run_cli("upcycle", str(src), "--out", str(tmp_path / "o"), "--strategy", "coactivation", "--json")
     assert r.returncode == 2
-    assert json.loads(r.stdout)["error"] == ("--strategy importance needs activation statistics; pass --calibration "
+    assert json.loads(r.stdout)["error"] == ("--strategy coactivation needs activation statistics; pass --calibration "
                                              "PATH (a folder of images, a .txt/.jsonl file or a dataset)")
     (tmp_path / "none").mkdir()
     r = run_cli("upcycle", str(src), "--out", str(tmp_path / "o"), "--strategy", "importance",

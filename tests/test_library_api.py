@@ -38,7 +38,8 @@ def test_python_and_command_write_the_same_sphero_conversion(vit, tmp_path, caps
 
 def test_python_refuses_noise_for_a_subset_strategy_as_the_command_does(vit, tmp_path, capsys):
     options = ckptforge.UpcycleOptions(num_experts=4, strategy="random", strategy_params={"noise_std": 0.1})
-    with pytest.raises(UsageError, match=r"--noise-std and --drop-ratio apply to --strategy copy-all only, not random"):
+    with pytest.raises(UsageError, match=r"--noise-std does not apply to --strategy random; it is a setting of "
+                                         r"--strategy copy-all: drop it or use that strategy"):
         ckptforge.upcycle(vit, tmp_path / "api", options)
     assert not (tmp_path / "api").exists()
     assert main(["upcycle", str(vit), "--strategy", "random", "--noise-std", "0.1", "--out", str(tmp_path / "c")]) == 2

@@ -128,6 +128,10 @@ def test_the_issue_example_records_the_typed_capacity_factor(capsys, tmp_path):
     (["--recipe", SPHERO, "--calibration", SAMPLES, "--capacity-factor", "2"],
      "error: --capacity-factor does not apply to --router sphero; it is a setting of --router topk or "
      "--router expert-choice or --router mh: drop it or use that router"),
+    (["--strategy", "random", "--metric", "l1"], "error: --metric does not apply to --strategy random; it is a "
+                                                 "setting of --strategy importance: drop it or use that strategy"),
+    (["--recipe", VMOE, "--parts", "8"], "error: --parts does not apply to --strategy copy-all; it is a setting of "
+                                         "--strategy coactivation: drop it or use that strategy"),
 ])
 def test_a_flag_for_another_router_is_refused_naming_its_router(vit, capsys, args, message):
     code, _, err = _dry_run(capsys, vit, *args)

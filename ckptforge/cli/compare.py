@@ -24,7 +24,7 @@ def compare(
     top_k: TopKOpt = 2,
     layers: LayersOpt = "every-2",
     strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list (default: all).")] = None,
-    # --- issue 12: upcycle's strategy options, from the same definitions; each goes to every strategy ---
+    # --- issue 12: upcycle's strategy options, from the same definitions; each goes to the strategies that take it ---
     expert_width: ExpertWidthOpt = None,
     expert_ratio: ExpertRatioOpt = None,
     metric: MetricOpt = None,

@@ -26,6 +26,7 @@ class Coactivation(SubsetStrategy):
     needs_stats = True
     summary = "METIS partition of the calibration co-activation graph (MoEfication / MoE Jetpack)"
     modes = ("partition", "sample")
+    params = (*SubsetStrategy.params, "parts", "threshold")
 
     def stats_needed(self, params: dict[str, Any]) -> set[str]:
         return {"scores", "coactivation"}

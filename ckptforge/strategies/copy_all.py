@@ -14,6 +14,7 @@ from .base import DenseFFN, ExpertInit, LayerSelection, Strategy
 
 
 class CopyAll(Strategy):
+    params = ("noise_std", "drop_ratio")
     name = "copy-all"
     summary = "every expert copies the dense FFN (sparse upcycling); optional noise / Drop-Upcycling"
 

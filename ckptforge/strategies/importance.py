@@ -55,6 +55,7 @@ class Importance(SubsetStrategy):
     needs_stats = True
     summary = "experts sample units in proportion to their calibration activation score (MoE Jetpack)"
     compare_variants = ({"score": DEFAULT_DATA_FREE_SCORE},)
+    params = (*SubsetStrategy.params, "metric", "score")
 
     def resolve_params(self, params: dict[str, Any], has_data: bool) -> dict[str, Any]:
         """Without calibration data (and no ``score`` chosen) the data-free default score."""

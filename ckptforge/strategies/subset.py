@@ -27,6 +27,7 @@ class SubsetStrategy(Strategy):
     """Base class of random / uniform / importance / coactivation / granular."""
 
     modes: tuple[str, ...] = ("sample",)
+    params = ("expert_width", "expert_ratio", "mode", "output_scale")
 
     def is_partition(self, params: dict[str, Any]) -> bool:
         return params.get("mode", self.modes[0]) == "partition"
