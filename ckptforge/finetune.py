@@ -309,7 +309,7 @@ def save_model(model: nn.Module, model_dir: Path, out: Path, force: bool = False
         for f in model_dir.iterdir():
             if f.suffix == ".py" or f.name in AUX_FILE_PATTERNS:
                 shutil.copyfile(f, tmp / f.name)
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        files = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         provenance = {"ckptforge_version": __version__, "finetuned_from": str(model_dir), "files": files}
         (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return out
