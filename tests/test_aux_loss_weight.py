@@ -68,3 +68,21 @@ def test_a_stock_mixtral_uses_its_router_aux_loss_coef_once():
     raw = model(input_ids=blocks[0][:, :-1], use_cache=False, output_router_logits=True).aux_loss
     total, losses, _ = training_loss(model, blocks, "causal-lm")
     assert float((total - losses.mean()) / raw) == pytest.approx(0.2, rel=1e-5)
+
+
+@pytest.mark.parametrize("flags", [{}, {"aux_loss_weight": 0.05}])
+def test_a_stock_output_stores_the_router_settings_weight(tmp_path, flags):
+    """A Mixtral output trains with the router settings' load-balancing weight (default 0.01, or
+    --aux-loss-weight), not transformers' own config default (0.001)."""
+    import json
+
+    import ckptforge
+    from ckptforge.moe.settings import TopKSettings
+    from conftest import build_tiny
+
+    src = build_tiny("llama", tmp_path / "dense")
+    options = ckptforge.UpcycleOptions(num_experts=4, layers="all", router={"type": "topk", **flags})
+    ckptforge.upcycle(src, tmp_path / "moe", options)
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "mixtral"
+    assert config["router_aux_loss_coef"] == flags.get("aux_loss_weight", TopKSettings().aux_loss_weight)

@@ -67,6 +67,16 @@ class MoELayout:
     extra_config: dict[str, Any] = field(default_factory=dict)
 
 
+def stock_router_config(layout: MoELayout) -> dict[str, Any]:
+    """The load-balancing weight a stock transformers MoE config stores (``router_aux_loss_coef``),
+    from the router settings, so that ``finetune`` trains a Mixtral / Qwen-MoE output with the same
+    default weight (0.01) as ckptforge's own routers instead of transformers' config default."""
+    from ckptforge.moe.settings import router_settings
+
+    settings = router_settings(layout.router)
+    return {"router_aux_loss_coef": settings.aux_loss_weight} if hasattr(settings, "aux_loss_weight") else {}
+
+
 @dataclass(frozen=True)
 class OutputFormat:
     """An MoE checkpoint layout. Templates are full tensor names with ``{layer}`` / ``{expert}``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, MoELayout, OutputFormat
+from .base import Family, MoELayout, OutputFormat, stock_router_config
 
 _LAYER = "model.layers.{layer}."
 
@@ -110,5 +110,6 @@ class LlamaFamily(Family):
                 use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else layers,
                 layer_types=["sliding_attention" if window else "full_attention"] * layers,
             )
+        out.update(stock_router_config(layout))
         out.update(layout.extra_config)
         return out

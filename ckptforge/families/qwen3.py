@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, MoELayout, OutputFormat
+from .base import Family, MoELayout, OutputFormat, stock_router_config
 from .llama import _SHARED_KEYS
 
 _LAYER = "model.layers.{layer}."
@@ -67,5 +67,6 @@ class Qwen3Family(Family):
             decoder_sparse_step=1, mlp_only_layers=[i for i in range(layers) if i not in layout.moe_layers],
             use_sliding_window=False, sliding_window=None,
         )
+        out.update(stock_router_config(layout))
         out.update(layout.extra_config)
         return out
