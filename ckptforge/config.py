@@ -23,6 +23,11 @@ ROUTER_INITS = ("normal", "zeros", "centroid")
 #: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
 #: importance sampling); otherwise (and for every other router) the default is copy-all.
 SLOT_ROUTER_STRATEGY = "importance"
+#: The data-free importance scores (``--importance-score``; their formulas live in
+#: ``strategies/importance.py``, which refuses to load if the two lists differ) and the one used
+#: without calibration data. Kept here, torch-free, so that ``--help`` does not import torch.
+DATA_FREE_SCORE_NAMES = ("weight-norm", "down-norm")
+DEFAULT_DATA_FREE_SCORE = "weight-norm"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}

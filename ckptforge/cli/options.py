@@ -11,7 +11,7 @@ from typing import Annotated, Any, Iterator
 import typer
 from rich.console import Console
 
-from ckptforge.strategies.importance import DATA_FREE_SCORES, DEFAULT_DATA_FREE_SCORE
+from ckptforge.config import DATA_FREE_SCORE_NAMES, DEFAULT_DATA_FREE_SCORE
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
@@ -37,7 +37,7 @@ OutputScaleOpt = Annotated[str | None, typer.Option(
     "--output-scale", help="Factor on the combined expert output: auto | 1 | k | E/k | G | number.")]
 ImportanceScoreOpt = Annotated[str | None, typer.Option(  # issue 12: data-free importance
     "--importance-score", help=f"importance: unit score activation (from --calibration; the default with it) | "
-    f"{' | '.join(DATA_FREE_SCORES)} (data-free, from the weights; {DEFAULT_DATA_FREE_SCORE} without --calibration).")]
+    f"{' | '.join(DATA_FREE_SCORE_NAMES)} (data-free, from the weights; {DEFAULT_DATA_FREE_SCORE} without --calibration).")]
 CalibrationOpt = Annotated[str | None, typer.Option(
     "--calibration", help="Calibration data: image folder, .txt/.jsonl file, or dataset id/dir.")]
 CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use.")]

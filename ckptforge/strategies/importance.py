@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from ckptforge.config import DATA_FREE_SCORE_NAMES, DEFAULT_DATA_FREE_SCORE
+
 from .base import DenseFFN, ExpertInit, LayerSelection
 from .subset import SubsetStrategy
 
@@ -35,10 +37,12 @@ DATA_FREE_SCORES: dict[str, Callable[[DenseFFN], torch.Tensor]] = {
     "weight-norm": lambda ffn: _row_norms(ffn, "up", "gate", "down"),
     "down-norm": lambda ffn: _row_norms(ffn, "down"),
 }
-#: The data-free score used when no calibration data is given: of the data-free scores it started
-#: closest to dense on examples/tiny-vit-mnist (E=4, k=2, every-2; compare-strategies init gap,
-#: mean of seeds 0-3: weight-norm 0.0878, down-norm 0.1102; activation l2 0.0865, random 0.1239).
-DEFAULT_DATA_FREE_SCORE = "weight-norm"
+if tuple(DATA_FREE_SCORES) != DATA_FREE_SCORE_NAMES:  # the names --help shows (config.py, torch-free)
+    raise ImportError(f"config.DATA_FREE_SCORE_NAMES {DATA_FREE_SCORE_NAMES} != {tuple(DATA_FREE_SCORES)}")
+#: DEFAULT_DATA_FREE_SCORE (config.py) is the data-free score used when no calibration data is
+#: given: of the data-free scores it started closest to dense on examples/tiny-vit-mnist (E=4, k=2,
+#: every-2; compare-strategies init gap, mean of seeds 0-3: weight-norm 0.0878, down-norm 0.1102;
+#: activation l2 0.0865, random 0.1239).
 #: ``activation``: MoE Jetpack's score from calibration activations (``metric``).
 SCORES = ("activation", *DATA_FREE_SCORES)
 
