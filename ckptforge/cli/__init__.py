@@ -6,6 +6,7 @@ Every command takes ``--json``; errors are one line (``CKPTFORGE_DEBUG=1`` shows
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from types import ModuleType
@@ -113,4 +114,5 @@ def run() -> None:
         code = main()
     except KeyboardInterrupt:
         code = interrupted()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command has finished: a Ctrl-C while Python exits changes nothing
     sys.exit(code)
