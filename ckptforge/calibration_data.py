@@ -18,14 +18,13 @@ from typing import Any, Iterator
 import torch
 
 from ckptforge.errors import CalibrationError, HubError
-from ckptforge.io.inputs import open_image
+from ckptforge.io.inputs import (
+    IMAGE_COLUMNS, IMAGE_SUFFIXES, SAVED_DATASET_FILES, TEXT_COLUMNS, is_image_file, is_saved_dataset,
+    load_image_processor, load_tokenizer, text_of,
+)
 from ckptforge.io.source import DenseCheckpoint
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TEXT_SUFFIXES = (".txt", ".jsonl")
-_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
-_IMAGE_COLUMNS = ("image", "img", "pixel_values")
-_TEXT_COLUMNS = ("text", "sentence", "content", "document")
 
 
 @dataclass
@@ -74,7 +73,7 @@ def load_calibration(path: str | Path, ckpt: DenseCheckpoint, modality: str, *, 
     else:
         kind, raw = _read_dataset(str(path))
     if kind != modality:
-        want = "a folder of .jpg/.png images" if modality == "image" else "a .txt/.jsonl file or a text dataset"
+        want = "a folder of images" if modality == "image" else "a .txt/.jsonl file or a text dataset"
         raise CalibrationError(f"calibration data '{path}' is {kind} but the model takes {modality} input; pass {want}")
     raw = _subsample(raw, samples, seed)
     inputs = _preprocess_images(raw, ckpt) if kind == "image" else _tokenise(raw, ckpt, max_length)
@@ -85,9 +84,9 @@ def load_calibration(path: str | Path, ckpt: DenseCheckpoint, modality: str, *, 
 
 
 def _image_files(folder: Path) -> list[Path]:
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and is_image_file(f))
     if not files:
-        raise CalibrationError(f"calibration folder '{folder}' has no .jpg/.jpeg/.png images; put images in it "
+        raise CalibrationError(f"calibration folder '{folder}' has no images ({'/'.join(IMAGE_SUFFIXES)}); put images in it "
                                "(nested folders are fine) or pass a .txt/.jsonl file")
     return files
 
@@ -118,20 +117,13 @@ def _jsonl_text(path: Path, n: int, line: str) -> str:
         row = json.loads(line)
     except json.JSONDecodeError:
         raise CalibrationError(f"'{path}' line {n} is not JSON; write one {{\"text\": …}} object per line") from None
-    return _text_of(row) if isinstance(row, dict) else str(row)
-
-
-def _text_of(row: dict[str, Any]) -> str:
-    for column in _TEXT_COLUMNS:
-        if isinstance(row.get(column), str):
-            return row[column]
-    return next((v for v in row.values() if isinstance(v, str)), "")
+    return text_of(row) if isinstance(row, dict) else str(row)
 
 
 def _is_dataset_dir(path: Path) -> bool:
-    if any((path / f).is_file() for f in _DATASET_FILES):
+    if is_saved_dataset(path):
         return True
-    return not any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*")) and any(
+    return not any(is_image_file(f) for f in path.rglob("*")) and any(
         f.suffix in (".arrow", ".parquet") for f in path.rglob("*"))
 
 
@@ -139,7 +131,7 @@ def _read_dataset(ref: str) -> tuple[str, list[Any]]:
     import datasets
 
     try:
-        if Path(ref).is_dir() and any((Path(ref) / f).is_file() for f in _DATASET_FILES[1:]):
+        if Path(ref).is_dir() and any((Path(ref) / f).is_file() for f in SAVED_DATASET_FILES[1:]):
             ds = datasets.load_from_disk(ref)
         else:
             ds = datasets.load_dataset(ref)
@@ -151,14 +143,14 @@ def _read_dataset(ref: str) -> tuple[str, list[Any]]:
                        "the network or HF_HUB_OFFLINE with a cached copy") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    for column in _IMAGE_COLUMNS:
+    for column in IMAGE_COLUMNS:
         if column in ds.column_names:
             return "image", list(ds[column])
-    for column in _TEXT_COLUMNS:
+    for column in TEXT_COLUMNS:
         if column in ds.column_names:
             return "text", [t for t in ds[column] if isinstance(t, str) and t.strip()]
-    raise CalibrationError(f"dataset '{ref}' has no image ({'/'.join(_IMAGE_COLUMNS)}) or text "
-                           f"({'/'.join(_TEXT_COLUMNS)}) column; its columns are {', '.join(ds.column_names)}")
+    raise CalibrationError(f"dataset '{ref}' has no image ({'/'.join(IMAGE_COLUMNS)}) or text "
+                           f"({'/'.join(TEXT_COLUMNS)}) column; its columns are {', '.join(ds.column_names)}")
 
 
 def _subsample(items: list[Any], samples: int, seed: int) -> list[Any]:
@@ -170,36 +162,11 @@ def _subsample(items: list[Any], samples: int, seed: int) -> list[Any]:
 
 
 def _preprocess_images(images: list[Any], ckpt: DenseCheckpoint) -> dict[str, torch.Tensor]:
-    config = ckpt.config
-    channels = int(config.get("num_channels", 3))
-    size = config.get("image_size", 224)
-    size = size if isinstance(size, int) else size[0]
-    mode = "L" if channels == 1 else "RGB"
-    pil = [open_image(i, mode) if isinstance(i, (str, Path)) else i.convert(mode) for i in images]
-    if (ckpt.root / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(str(ckpt.root))
-        pixels = processor(images=pil, return_tensors="pt")["pixel_values"]
-    else:  # no processor saved: resize to the config's size, scale to [-1, 1] (ViT's defaults)
-        arrays = [torch.tensor(list(im.resize((size, size)).getdata()), dtype=torch.float32) for im in pil]
-        pixels = torch.stack(arrays).reshape(len(pil), size, size, channels).permute(0, 3, 1, 2) / 127.5 - 1
-    if pixels.shape[1:] != (channels, size, size):
-        raise CalibrationError(f"preprocessed images have shape {tuple(pixels.shape[1:])}, the model wants "
-                               f"{(channels, size, size)}; fix preprocessor_config.json in {ckpt.root}")
-    return {"pixel_values": pixels.float()}
+    return {"pixel_values": load_image_processor(ckpt.root, ckpt.config).pixels(images)}
 
 
 def _tokenise(texts: list[str], ckpt: DenseCheckpoint, max_length: int) -> dict[str, torch.Tensor]:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.root))
-    except (OSError, ValueError, TypeError):
-        raise CalibrationError(f"the checkpoint at {ckpt.root} has no tokenizer files; add the tokenizer "
-                               "(tokenizer.json / tokenizer_config.json) next to config.json") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer = load_tokenizer(ckpt.root, "text calibration")
     limit = min(max_length, int(ckpt.config.get("max_position_embeddings", max_length)))
     enc = tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from ckptforge.io.inputs import open_image, read_utf8
+from ckptforge.io.inputs import (
+    IMAGE_COLUMNS, IMAGE_SUFFIXES, TEXT_COLUMNS, ImageInputs, is_image_file, is_saved_dataset, load_image_processor,
+    load_tokenizer, read_utf8,
+)
 from ckptforge.errors import HubError, UsageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-IMAGE_COLUMNS = ("image", "img", "pixel_values")
-TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 
 
@@ -97,19 +97,20 @@ def load_task_data(
         10
     """
     task = task_for(config)
-    pre = model_dir / "preprocessor_config.json"
-    config = {**config, "_preprocessor": json.loads(pre.read_text()) if pre.is_file() else {}}
     reader = _READERS[task.name]
-    tokenize = None if task.name == "image-classification" else _tokenizer(model_dir, config, seq_len)
-    train, classes = reader(data, config, tokenize, None, seq_len)
+    if task.name == "image-classification":
+        prepare: ImageInputs | _Tokenize = load_image_processor(model_dir, config)
+    else:
+        prepare = _tokenizer(model_dir)
+    train, classes = reader(data, prepare, None, seq_len)
     if classes is not None and len(classes) < 2:
         raise UsageError(f"{data} has only 1 class ({classes[0]!r}); classification needs at least 2 classes")
     if eval_data is not None:
-        evals, _ = reader(eval_data, config, tokenize, classes, seq_len)
+        evals, _ = reader(eval_data, prepare, classes, seq_len)
     else:
         train, evals = _split(train, eval_fraction, seed, data)
-    return TaskData(task, train, evals, classes or [], tokenize.name if tokenize else None,
-                    seq_len if tokenize else None, data)
+    text = isinstance(prepare, _Tokenize)
+    return TaskData(task, train, evals, classes or [], prepare.name if text else None, seq_len if text else None, data)
 
 
 def _split(ds: TensorDataset, fraction: float, seed: int, data: str) -> tuple[TensorDataset, TensorDataset]:
@@ -125,9 +126,9 @@ def _split(ds: TensorDataset, fraction: float, seed: int, data: str) -> tuple[Te
 # --- images -------------------------------------------------------------------------------------
 
 
-def _read_images(data: str, config: dict[str, Any], _tok: Any, classes: list[str] | None, _len: int):
+def _read_images(data: str, images: ImageInputs, classes: list[str] | None, _len: int):
     path = Path(data)
-    if path.is_dir() and not _is_saved_dataset(path):
+    if path.is_dir() and not is_saved_dataset(path):
         pairs, found = _image_folder(path)
         label_names = found
     else:
@@ -140,7 +141,7 @@ def _read_images(data: str, config: dict[str, Any], _tok: Any, classes: list[str
         pairs = [(img, lab if names else label_names.index(str(lab))) for img, lab in pairs]
     if classes is not None:  # eval set: map its label names onto the training classes
         pairs = [(img, _same_class(label_names[lab], classes, data)) for img, lab in pairs]
-    pixels = torch.stack([_pixels(img, config) for img, _ in pairs])
+    pixels = torch.cat([images.pixels([img for img, _ in pairs[i:i + 256]]) for i in range(0, len(pairs), 256)])
     labels = torch.tensor([lab for _, lab in pairs], dtype=torch.long)
     return TensorDataset(pixels, labels), label_names
 
@@ -151,33 +152,10 @@ def _image_folder(path: Path) -> tuple[list[tuple[Any, int]], list[str]]:
         raise UsageError(f"{path} has no class subfolders; put each class's images in DATA/<label>/")
     pairs = []
     for label, d in enumerate(class_dirs):
-        pairs += [(f, label) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        pairs += [(f, label) for f in sorted(d.iterdir()) if is_image_file(f)]
     if not pairs:
-        raise UsageError(f"{path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class subfolders")
+        raise UsageError(f"{path} has no images ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders")
     return pairs, [d.name for d in class_dirs]
-
-
-def _pixels(image: Any, config: dict[str, Any]) -> torch.Tensor:
-    """An image (path or PIL image) → normalised (C, H, W) float tensor of the model's size."""
-    from PIL import Image
-
-    size = config.get("image_size", 224)
-    size = size if isinstance(size, int) else size[0]
-    channels = int(config.get("num_channels", 3))
-    mode = "L" if channels == 1 else "RGB"
-    img = open_image(image, mode) if isinstance(image, (str, Path)) else image.convert(mode)
-    img = img.resize((size, size), Image.BILINEAR)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float().div(255)
-    x = x.view(size, size, channels).permute(2, 0, 1)
-    mean, std = _normalisation(config, channels)
-    return (x - mean) / std
-
-
-def _normalisation(config: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pre = config.get("_preprocessor") or {}
-    mean = pre.get("image_mean", [0.5] * channels) if pre.get("do_normalize", True) else [0.0] * channels
-    std = pre.get("image_std", [0.5] * channels) if pre.get("do_normalize", True) else [1.0] * channels
-    return torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
 
 # --- text ---------------------------------------------------------------------------------------
@@ -192,19 +170,13 @@ class _Tokenize:
         return self.fn(text)
 
 
-def _tokenizer(model_dir: Path, config: dict[str, Any], seq_len: int) -> _Tokenize:
-    """The model dir's tokenizer; without one, UTF-8 bytes modulo vocab_size (stated in finetune.json)."""
-    if any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        return _Tokenize(type(tok).__name__, lambda text: tok(text, add_special_tokens=True)["input_ids"])
-    vocab = int(config.get("vocab_size", 256))
-    return _Tokenize(f"utf-8 bytes mod {vocab} (no tokenizer in the model dir)",
-                     lambda text: [b % vocab for b in text.encode("utf-8")])
+def _tokenizer(model_dir: Path) -> _Tokenize:
+    """The model dir's own tokenizer (special tokens added as the tokenizer defines them)."""
+    tok = load_tokenizer(model_dir, "finetune / eval on text")
+    return _Tokenize(type(tok).__name__, lambda text: tok(text, add_special_tokens=True)["input_ids"])
 
 
-def _read_causal(data: str, _config: dict[str, Any], tokenize: _Tokenize, _classes: Any, seq_len: int):
+def _read_causal(data: str, tokenize: _Tokenize, _classes: Any, seq_len: int):
     path = Path(data)
     if path.suffix == ".txt" and path.is_file():
         texts = [read_utf8(path)]
@@ -224,8 +196,7 @@ def _read_causal(data: str, _config: dict[str, Any], tokenize: _Tokenize, _class
     return TensorDataset(blocks), None
 
 
-def _read_text_labels(data: str, _config: dict[str, Any], tokenize: _Tokenize, classes: list[str] | None,
-                      seq_len: int):
+def _read_text_labels(data: str, tokenize: _Tokenize, classes: list[str] | None, seq_len: int):
     path = Path(data)
     if path.suffix in (".jsonl", ".json") and path.is_file():
         rows, text_col, label_col = _jsonl(path, ("text", "label")), "text", "label"
@@ -269,17 +240,13 @@ def _jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
 # --- Hugging Face datasets ----------------------------------------------------------------------
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
 def _hf_rows(data: str) -> Any:
     """A ``save_to_disk`` directory or a Hub dataset id, its train split."""
     import datasets
 
     path = Path(data)
     if path.exists():
-        if not (path.is_dir() and _is_saved_dataset(path)):
+        if not (path.is_dir() and is_saved_dataset(path)):
             raise UsageError(f"{data} is not a data folder, .txt/.jsonl file or saved dataset; see finetune --help")
         ds = datasets.load_from_disk(str(path))
     else:

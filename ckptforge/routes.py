@@ -15,11 +15,9 @@ from typing import Any
 import torch
 
 from ckptforge.errors import SourceError, UsageError
-from ckptforge.io.inputs import open_image, read_utf8
+from ckptforge.io.inputs import IMAGE_SUFFIXES, is_image_file, load_image_processor, load_tokenizer, read_utf8
 from ckptforge.io.paths import check_output_file
 from ckptforge.loading import load_model
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 @dataclass
@@ -90,22 +88,15 @@ def route_input(model_dir: str | Path, input_path: str | Path) -> RoutesReport:
 
 def _inputs(model_dir: Path, config: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str], int | None, str]:
     if config.model_type == "vit_moe":
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if not is_image_file(path):
             raise UsageError(f"'{path}' is not an image ({', '.join(IMAGE_SUFFIXES)}); a ViT-MoE model routes image patches")
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        images = load_image_processor(model_dir, config.to_dict())
         patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        image = open_image(path, "L" if config.num_channels == 1 else "RGB").resize((size, size))
-        pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(size, size, -1).permute(2, 0, 1)
-        pixels = (pixels / 255.0 - 0.5) / 0.5
-        grid = size // patch
-        return {"pixel_values": pixels[None]}, ["[CLS]"] + [f"p{r},{c}" for r in range(grid) for c in range(grid)], grid, "image"
+        grid = images.size // patch
+        tokens = ["[CLS]"] + [f"p{r},{c}" for r in range(grid) for c in range(grid)]
+        return {"pixel_values": images.pixels([path])}, tokens, grid, "image"
     text = read_utf8(path).strip()
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError):
-        raise SourceError(f"'{model_dir}' has no tokenizer files; copy the dense model's tokenizer into it to route text") from None
+    tokenizer = load_tokenizer(model_dir, "routing text")
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=config.max_position_embeddings)
     return {"input_ids": enc["input_ids"]}, tokenizer.convert_ids_to_tokens(enc["input_ids"][0]), None, "text"
 

@@ -45,14 +45,14 @@ def test_bad_calibration_inputs(tiny, tmp_path):
     ckpt = open_checkpoint(str(tiny("vit")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.md").write_text("no images here")
-    with pytest.raises(CalibrationError, match="^calibration folder '.*empty' has no .jpg/.jpeg/.png images; put "
-                       r"images in it \(nested folders are fine\) or pass a .txt/.jsonl file$"):
+    with pytest.raises(CalibrationError, match=r"^calibration folder '.*empty' has no images \(\.png/\.jpg/\.jpeg/\.bmp/"
+                       r"\.gif/\.webp/\.tif/\.tiff\); put images in it \(nested folders are fine\) or pass a .txt/.jsonl file$"):
         load_calibration(tmp_path / "empty", ckpt, "image")
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(CalibrationError, match="has no text; put one sample per line"):
         load_calibration(tmp_path / "blank.txt", ckpt, "text")
     text_file(tmp_path / "t.txt")
-    with pytest.raises(CalibrationError, match="is text but the model takes image input; pass a folder of .jpg/.png images$"):
+    with pytest.raises(CalibrationError, match="is text but the model takes image input; pass a folder of images$"):
         load_calibration(tmp_path / "t.txt", ckpt, "image")
 
 
@@ -116,7 +116,7 @@ def test_cli_exit_codes_for_calibration_problems(tiny, tmp_path):
     (tmp_path / "none").mkdir()
     r = run_cli("upcycle", str(src), "--out", str(tmp_path / "o"), "--strategy", "importance",
                 "--calibration", str(tmp_path / "none"), "--expert-ratio", "0.5")
-    assert r.returncode == 2 and "has no .jpg/.jpeg/.png images" in r.stderr
+    assert r.returncode == 2 and "has no images (.png/.jpg/.jpeg/" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

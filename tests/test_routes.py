@@ -64,10 +64,11 @@ def test_routes_bad_inputs(tiny, tmp_path, image, capsys):
     text.write_text("hello")
     assert main(["routes", str(model), "--input", str(text)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: '{text}' is not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp); a ViT-MoE model routes image patches")
+        f"error: '{text}' is not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff); a ViT-MoE model routes image patches")
     assert main(["routes", str(model), "--input", str(tmp_path / "nope.png")]) == 3
     assert capsys.readouterr().err.strip() == f"error: input '{tmp_path / 'nope.png'}' does not exist; pass an image or a text file"
     bert = _convert(tiny("bert"), tmp_path / "bert-moe", "topk")
-    assert main(["routes", str(bert), "--input", str(text)]) == 3
+    assert main(["routes", str(bert), "--input", str(text)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: '{bert}' has no tokenizer files; copy the dense model's tokenizer into it to route text")
+        f"error: '{bert}' has no tokenizer files (tokenizer.json / tokenizer_config.json) and routing text needs the "
+        "model's own tokenizer; copy the dense model's tokenizer files next to its config.json")

@@ -1,5 +1,10 @@
-"""Read the data files a user passes (calibration, training data, ``routes --input``) so that a
-corrupt, truncated or decompression-bomb image, or text that is not UTF-8, is a one-line
+"""The one input module: what the data files of calibration, ``finetune``, ``eval`` and ``routes``
+may be (image suffixes, dataset columns), how they are read, and how an image or a text reaches
+the model — always through the checkpoint's own image processor and tokenizer
+(:func:`load_image_processor`, :func:`load_tokenizer`), so one image gives the same pixels in
+every command.
+
+A corrupt, truncated or decompression-bomb image, or text that is not UTF-8, is a one-line
 :class:`UsageError` naming the file.
 
     >>> open_image("digits/0/a.png", "L").size          # doctest: +SKIP
@@ -10,12 +15,19 @@ corrupt, truncated or decompression-bomb image, or text that is not UTF-8, is a 
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptforge.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def open_image(path: str | os.PathLike[str], mode: str) -> Any:
@@ -45,3 +57,118 @@ def read_utf8(path: Path) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"'{path}' is not UTF-8 text (invalid byte at position {exc.start}); save it as UTF-8") from None
+
+
+# --- what the data files may be ------------------------------------------------------------------
+
+#: Image files every command reads (calibration folders, finetune/eval class folders, routes --input).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: Dataset columns that hold an image or a text, first match wins.
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+TEXT_COLUMNS = ("text", "sentence", "content", "document")
+#: Files that mark a ``datasets.save_to_disk`` directory.
+SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
+#: Files a tokenizer is built from; a model directory with none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` has one of :data:`IMAGE_SUFFIXES` (any case)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``datasets``' ``save_to_disk``."""
+    return any((path / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def text_of(row: dict[str, Any]) -> str:
+    """The text of a JSON/dataset row: its first :data:`TEXT_COLUMNS` column, else its first string."""
+    for column in TEXT_COLUMNS:
+        if isinstance(row.get(column), str):
+            return row[column]
+    return next((v for v in row.values() if isinstance(v, str)), "")
+
+
+# --- the checkpoint's own preprocessing ----------------------------------------------------------
+
+#: The processor of a ViT checkpoint that ships no ``preprocessor_config.json``: transformers'
+#: ViTImageProcessor defaults — bilinear resize to the config's ``image_size``, scale to [0, 1],
+#: normalise with mean 0.5 and std 0.5 per channel (pixels in [-1, 1]).
+FALLBACK_PROCESSOR = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2,
+                      "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": False}
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """How images reach a model: the checkpoint's image processor and the shape the model takes.
+
+    ``origin`` says where the processor came from (its ``preprocessor_config.json``, or the
+    documented :data:`FALLBACK_PROCESSOR`).
+    """
+
+    processor: Any
+    channels: int
+    size: int
+    origin: str
+    root: Path
+
+    def pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        """(N, C, H, W) float32 ``pixel_values`` of ``images`` (paths or PIL images)."""
+        mode = "L" if self.channels == 1 else "RGB"
+        pil = [open_image(i, mode) if isinstance(i, (str, os.PathLike)) else i.convert(mode) for i in images]
+        out = self.processor(images=pil, return_tensors="pt")["pixel_values"].float()
+        if out.shape[1:] != (self.channels, self.size, self.size):
+            raise UsageError(f"preprocessed images have shape {tuple(out.shape[1:])}, the model wants "
+                             f"{(self.channels, self.size, self.size)}; fix preprocessor_config.json in {self.root}")
+        return out
+
+
+def load_image_processor(model_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> ImageInputs:
+    """The image preprocessing of the checkpoint in ``model_dir`` (``config``: its config.json).
+
+    Its ``preprocessor_config.json`` through ``AutoImageProcessor`` when it has one, else
+    :data:`FALLBACK_PROCESSOR` sized from ``config``; every command that feeds images uses this.
+
+        >>> load_image_processor("examples/tiny-vit-mnist", cfg).pixels(["3.png"]).shape  # doctest: +SKIP
+        torch.Size([1, 1, 28, 28])
+    """
+    from transformers import AutoImageProcessor
+
+    root = Path(model_dir)
+    channels = int(config.get("num_channels", 3))
+    size = config.get("image_size", 224)
+    size = int(size if isinstance(size, int) else size[0])
+    if (root / "preprocessor_config.json").is_file():
+        return ImageInputs(AutoImageProcessor.from_pretrained(str(root)), channels, size,
+                           "preprocessor_config.json", root)
+    fallback = {**FALLBACK_PROCESSOR, "size": {"height": size, "width": size},
+                "image_mean": [0.5] * channels, "image_std": [0.5] * channels}
+    with tempfile.TemporaryDirectory() as tmp:  # the same class and backend a saved file would load
+        (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(fallback))
+        processor = AutoImageProcessor.from_pretrained(tmp)
+    return ImageInputs(processor, channels, size, "ViT defaults (no preprocessor_config.json)", root)
+
+
+def load_tokenizer(model_dir: str | os.PathLike[str], needed_for: str) -> Any:
+    """The tokenizer saved beside the checkpoint in ``model_dir``, through ``AutoTokenizer``.
+
+    A directory without tokenizer files (:data:`TOKENIZER_FILES`) is a :class:`UsageError` naming
+    ``needed_for`` and the fix: transformers would otherwise build an empty-vocabulary tokenizer for
+    some model types and every text would become unknown tokens. A missing pad token becomes EOS
+    (else UNK, else BOS).
+    """
+    root = Path(model_dir)
+    fix = (f"'{root}' has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}) and {needed_for} needs the "
+           "model's own tokenizer; copy the dense model's tokenizer files next to its config.json")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(fix)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root))
+    except (OSError, ValueError, TypeError):
+        raise UsageError(fix) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+    return tokenizer

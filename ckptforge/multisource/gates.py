@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ckptforge.errors import UsageError
+from ckptforge.io.inputs import load_tokenizer
 from ckptforge.io.source import DenseCheckpoint
 
 from .spec import ExpertSpec, MoESpec
@@ -93,15 +94,7 @@ def _combine(expert: ExpertSpec, index: dict[str, int], states: torch.Tensor, re
 
 def tokenize_prompts(prompts: list[str], base: DenseCheckpoint) -> dict[str, torch.Tensor]:
     """Token ids and attention mask of ``prompts`` with the base's tokenizer (BOS text first, padded)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base.root))
-    except (OSError, ValueError, TypeError):
-        raise UsageError(f"the base model at {base.root} has no tokenizer files; prompt gates need its tokenizer "
-                         "(tokenizer.json / tokenizer_config.json next to config.json), or use gate_mode random") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+    tokenizer = load_tokenizer(base.root, "prompt gates (gate_mode random needs no tokenizer)")
     tokenizer.padding_side = "right"
     enc = tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
                     add_special_tokens=False)
