@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_helpers import add_tokenizer
 
 import ckptforge
 from ckptforge.config import router_settings
@@ -36,7 +37,8 @@ def images(tmp_path_factory) -> Path:
 
 def _moe(tiny, tmp_path: Path, kind: str = "vit", labels: int = 4, **router) -> Path:
     out = tmp_path / f"moe-{kind}-{router.get('type', 'topk')}"
-    ckptforge.upcycle(tiny(kind, num_labels=labels), out, ckptforge.UpcycleOptions(
+    dense = tiny(kind, num_labels=labels)
+    ckptforge.upcycle(dense if kind == "vit" else add_tokenizer(dense), out, ckptforge.UpcycleOptions(
         num_experts=4, top_k=2, layers="all", router=router_settings(router.pop("type", "topk"), **router),
         router_init_std=1.0, seed=0))
     return out
@@ -112,7 +114,7 @@ def test_causal_lm_loss_and_bert_accuracy(tiny, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     mixtral = tmp_path / "mixtral"
-    ckptforge.upcycle(tiny("llama"), mixtral, ckptforge.UpcycleOptions(num_experts=4, layers="all"))
+    ckptforge.upcycle(add_tokenizer(tiny("llama")), mixtral, ckptforge.UpcycleOptions(num_experts=4, layers="all"))
     report = evaluate(mixtral, EvalOptions(data=str(text), seq_len=16))
     assert report.metric == "loss" and not report.higher_is_better and report.router == "mixtral"
     assert 0 < report.rows[0].loss < 10 and report.rows[0].expert_flops_per_example is None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_helpers import add_tokenizer
 from PIL import Image
 
 import ckptforge
@@ -41,7 +42,7 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 12, size: i
 
 
 def make_moe(tiny, tmp_path: Path, kind: str, layers: str = "all") -> Path:
-    dense = tiny(kind)
+    dense = tiny(kind) if kind == "vit" else add_tokenizer(tiny(kind))  # text needs the model's tokenizer
     out = tmp_path / f"moe-{kind}"
     ckptforge.upcycle(dense, out, ckptforge.UpcycleOptions(num_experts=4, top_k=2, layers=layers, seed=0))
     return out
@@ -105,14 +106,14 @@ def test_a_second_run_replaces_the_card_section(tiny, tmp_path):
 
 def test_bert_moe_learns_text_labels(tiny, tmp_path):
     moe = make_moe(tiny, tmp_path, "bert")
-    lines = [json.dumps({"text": ("abab " if i % 2 else "pqpq ") * (2 + i % 3), "label": "ab" if i % 2 else "pq"})
+    lines = [json.dumps({"text": ("cat sat " if i % 2 else "dogs ran ") * (2 + i % 3), "label": "ab" if i % 2 else "pq"})
              for i in range(40)]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     report = run(moe, tmp_path / "train.jsonl", seq_len=16)
     (moe_run,) = report.runs
     assert moe_run.eval[-1]["loss"] < moe_run.eval[0]["loss"]
     assert moe_run.eval[-1]["accuracy"] == 1.0
-    assert report.data["classes"] == ["ab", "pq"] and report.data["tokenizer"].startswith("utf-8 bytes mod 120")
+    assert report.data["classes"] == ["ab", "pq"] and report.data["tokenizer"] == "TokenizersBackend"
 
 
 def test_mixtral_learns_a_text_file_and_same_seed_gives_same_curves(tiny, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_helpers import add_tokenizer
 from safetensors import safe_open
 
 import ckptforge
@@ -38,7 +39,7 @@ def one_thread():
 @pytest.fixture
 def mixtral(tiny, tmp_path) -> Path:
     out = tmp_path / "moe"
-    ckptforge.upcycle(tiny("llama"), out, ckptforge.UpcycleOptions(num_experts=4, top_k=2, layers="all"))
+    ckptforge.upcycle(add_tokenizer(tiny("llama")), out, ckptforge.UpcycleOptions(num_experts=4, top_k=2, layers="all"))
     (tmp_path / "text.txt").write_text(TEXT)
     return out
 
