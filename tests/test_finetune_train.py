@@ -168,7 +168,7 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(mixtral, tmp_path
 
 def test_resume_from_a_checkpoint_of_another_model_is_refused(mixtral, tiny, tmp_path):
     other = tmp_path / "other-moe"
-    ckptforge.upcycle(tiny("llama", name="wide", intermediate_size=96), other,
+    ckptforge.upcycle(add_tokenizer(tiny("llama", name="wide", intermediate_size=96)), other,
                       ckptforge.UpcycleOptions(num_experts=4, top_k=2, layers="all"))
     run(other, tmp_path, steps=2, checkpoint_every=1, report=str(tmp_path / "other"))
     res = run_cli("finetune", str(mixtral), "--data", str(tmp_path / "text.txt"), "--steps", "4", "--seq-len", "16",
