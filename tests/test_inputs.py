@@ -130,3 +130,19 @@ def test_a_model_without_tokenizer_files_is_refused_by_every_command(tiny, tmp_p
     refused(bert_moe, "routing text", lambda: route_input(bert_moe, text))
     add_tokenizer(llama)
     assert load_calibration(text, open_checkpoint(str(llama)), "text").inputs["input_ids"].shape[0] == 50
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused_by_every_command(tmp_path, capsys):
+    from ckptforge.cli import main
+
+    moe = tmp_path / "moe"
+    ckptforge.upcycle(_vit(tmp_path, {"size": {"height": 32, "width": 32}}), moe,
+                      ckptforge.UpcycleOptions(num_experts=4, layers="all"))
+    png, folder = _image_folder(tmp_path / "img")
+    message = (f"error: preprocessed images have shape (1, 32, 32), the model wants (1, 28, 28); "
+               f"fix preprocessor_config.json in {moe}")
+    for args in (["routes", str(moe), "--input", str(png)], ["finetune", str(moe), "--data", str(folder), "--steps", "1"],
+                 ["eval", str(moe), "--data", str(folder)]):
+        assert main(args) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert not (moe / "finetune").exists()

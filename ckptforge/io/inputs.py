@@ -101,16 +101,12 @@ FALLBACK_PROCESSOR = {"image_processor_type": "ViTImageProcessor", "do_resize": 
 
 @dataclass(frozen=True)
 class ImageInputs:
-    """How images reach a model: the checkpoint's image processor and the shape the model takes.
-
-    ``origin`` says where the processor came from (its ``preprocessor_config.json``, or the
-    documented :data:`FALLBACK_PROCESSOR`).
-    """
+    """How images reach a model: the checkpoint's image processor (``root``'s own, or
+    :data:`FALLBACK_PROCESSOR`) and the (channels, size, size) the model takes."""
 
     processor: Any
     channels: int
     size: int
-    origin: str
     root: Path
 
     def pixels(self, images: Sequence[Any]) -> torch.Tensor:
@@ -140,14 +136,13 @@ def load_image_processor(model_dir: str | os.PathLike[str], config: Mapping[str,
     size = config.get("image_size", 224)
     size = int(size if isinstance(size, int) else size[0])
     if (root / "preprocessor_config.json").is_file():
-        return ImageInputs(AutoImageProcessor.from_pretrained(str(root)), channels, size,
-                           "preprocessor_config.json", root)
+        return ImageInputs(AutoImageProcessor.from_pretrained(str(root)), channels, size, root)
     fallback = {**FALLBACK_PROCESSOR, "size": {"height": size, "width": size},
                 "image_mean": [0.5] * channels, "image_std": [0.5] * channels}
     with tempfile.TemporaryDirectory() as tmp:  # the same class and backend a saved file would load
         (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(fallback))
         processor = AutoImageProcessor.from_pretrained(tmp)
-    return ImageInputs(processor, channels, size, "ViT defaults (no preprocessor_config.json)", root)
+    return ImageInputs(processor, channels, size, root)
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str], needed_for: str) -> Any:
