@@ -5,7 +5,9 @@
 - causal LM: a ``.txt`` file, a ``.jsonl`` file with a ``text`` field, or a dataset with a text column;
 - sequence classification: a ``.jsonl`` file with ``text`` and ``label``, or a dataset with both.
 
-Everything becomes in-memory tensors (the runs are short and the data small).
+Everything becomes in-memory tensors (the runs are short and the data small), images through the
+checkpoint's own image processor and text through its own tokenizer (:mod:`ckptforge.io.inputs`,
+the pipeline calibration and ``routes`` use too).
 
     >>> task = task_for({"architectures": ["ViTMoEForImageClassification"]})
     >>> task.name, task.unit
