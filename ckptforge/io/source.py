@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,8 @@ class DenseCheckpoint:
     revision: str | None = None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _files: dict[Path, Any] = field(default_factory=dict, repr=False)
+    #: :meth:`read` may be called from several threads (shards written in parallel).
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into memory (a copy, detached from the file).
@@ -125,17 +128,20 @@ class DenseCheckpoint:
 
         info = self.tensors[name]
         if info.span is None:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = _open_pickle(info.file)[0]
+            with self._lock:
+                handle = self._handles.get(info.file)
+                if handle is None:
+                    handle = self._handles[info.file] = _open_pickle(info.file)[0]
             return handle[name].clone()
         start, end = info.span
         buf = torch.empty(end - start, dtype=torch.uint8)
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb")
-        f.seek(start)
-        if f.readinto(buf.numpy()) != end - start:
+        with self._lock:
+            f = self._files.get(info.file)
+            if f is None:
+                f = self._files[info.file] = open(info.file, "rb")
+            f.seek(start)
+            complete = f.readinto(buf.numpy()) == end - start
+        if not complete:
             raise SourceError(f"'{info.file}' ended while reading tensor '{name}'; the file is truncated")
         return buf.view(info.dtype).reshape(info.shape)
 
