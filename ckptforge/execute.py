@@ -1,7 +1,8 @@
 """Follow a Plan: stream tensors from the dense checkpoint into the MoE checkpoint.
 
-Memory stays bounded by one layer's dense FFN plus the tensor being written: each MoE layer's FFN
-is read once, experts are materialised one at a time and written straight to the shard file.
+Memory stays bounded by one layer's dense FFN plus the tensor being written, per shard being
+written (two at once, :data:`PARALLEL_SHARDS`): each MoE layer's FFN is read once per shard that
+holds it, experts are materialised one at a time and written straight to the shard file.
 
     >>> result = upcycle("examples/tiny-vit-mnist", "out/moe", UpcycleOptions(num_experts=4))  # doctest: +SKIP
 """
