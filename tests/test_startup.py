@@ -122,3 +122,14 @@ def test_a_mixtral_conversion_never_imports_transformers(tiny, tmp_path):
     """, str(dense), str(tmp_path / "moe"))
     assert result["code"] == 0 and (tmp_path / "moe" / "model.safetensors").is_file()
     assert result["loaded"] == ["huggingface_hub.hf_api"]  # the model card; transformers never loads
+
+
+@pytest.mark.parametrize("argv", [[], ["recipes"]])
+def test_a_group_without_a_command_prints_its_help_and_exits_2(argv):
+    """Plain help (issue 15): the group's help on stderr, exit 2, not an ``error:`` line wrapping it."""
+    from conftest import run_cli
+
+    done = run_cli(*argv)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"Usage: ckptforge {' '.join(argv)}".rstrip() + " [OPTIONS] COMMAND")
+    assert "error:" not in done.stderr and "Commands:" in done.stderr

@@ -31,6 +31,8 @@ from .options import emit_json
 
 #: click's base exception as typer raises it (recent typer vendors click as ``typer._click``).
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+#: What a group run without a command raises (its message is the group's help).
+_NO_ARGS = getattr(sys.modules[_CLICK_ERROR.__module__], "NoArgsIsHelpError", ())
 
 
 
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, exit_code_for(exc), as_json)
     except (typer.Abort, KeyboardInterrupt):  # issue 11: Ctrl-C anywhere is one line and 130
         return _fail(KeyboardInterrupt("interrupted"), INTERRUPTED, as_json)
+    except _NO_ARGS as exc:  # `ckptforge` or `ckptforge recipes` alone: the help on stderr, exit 2
+        print(exc.format_message(), file=sys.stderr)
+        return BAD_USAGE
     except _CLICK_ERROR as exc:
         return _fail(exc, BAD_USAGE, as_json, message=f"error: {exc.format_message()}; see --help")
 
