@@ -78,21 +78,22 @@ def _write_tokenizer(directory: Path) -> None:
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> dict:
-    """Run ``cmd`` under GNU time: wall seconds and peak RSS (MiB) of that process alone.
+    """Run ``cmd`` under GNU time: wall seconds, peak RSS (MiB) and CPU seconds (user + system) of
+    that process alone (the CPU shows what a busy machine's wall time cannot).
 
     (wait4() from this process would count the pages a forked child shares with this one.)
     """
     report = Path(os.environ.get("TMPDIR", "/tmp")) / f"ckptforge-bench-{os.getpid()}.time"
     os.sync()  # the previous command's write-back must not slow this one down
     start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *cmd], cwd=cwd,
+    done = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(report), *cmd], cwd=cwd,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} … exited {done.returncode}: {done.stderr[-2000:]}")
-    peak_kib = int(report.read_text().split()[-1])
+    peak_kib, user, system = report.read_text().split()[-3:]
     report.unlink()
-    return {"seconds": wall, "peak_rss_mib": peak_kib / 1024}
+    return {"seconds": wall, "peak_rss_mib": int(peak_kib) / 1024, "cpu_s": round(float(user) + float(system), 2)}
 
 
 def dir_bytes(path: Path) -> int:
@@ -129,7 +130,8 @@ def run_size(work: Path, layers: int, experts: int, with_mergekit: bool, repeats
 
 def _median(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["seconds"])
-    return {"seconds": ordered[len(ordered) // 2]["seconds"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+    return {"seconds": ordered[len(ordered) // 2]["seconds"], "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "cpu_s": [r["cpu_s"] for r in runs]}
 
 
 def run_mergekit(work: Path, dense: Path, experts: int) -> dict:

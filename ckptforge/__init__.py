@@ -17,15 +17,9 @@ from ckptforge.interrupt import quiet_start_up  # issue 11: keep first, before a
 quiet_start_up()
 
 import importlib  # noqa: E402
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ckptforge.import_hooks import when_imported  # noqa: E402
-
-try:
-    __version__ = version("ckptforge")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
 
 #: public name → the module that defines it (imported on first access).
 _PUBLIC = {
@@ -41,7 +35,20 @@ _ALIASES = {"load_source": "open_checkpoint"}
 __all__ = sorted([*_PUBLIC, *_ALIASES, "__version__", "modeling"])
 
 
+def _version() -> str:
+    """The installed distribution's version (importlib.metadata costs ~25 ms: read on first use)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckptforge")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value = globals()[name] = _version()
+        return value
     if name == "modeling":
         return importlib.import_module("ckptforge.modeling")
     target = _ALIASES.get(name, name)

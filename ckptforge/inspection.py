@@ -14,7 +14,6 @@ from typing import Any
 from ckptforge.errors import UnsupportedArchitectureError
 from ckptforge.families import detect_family
 from ckptforge.io.source import open_checkpoint
-from ckptforge.moe import active_expert_params
 
 #: MoE model types ckptforge writes → the dense family they come from.
 MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "qwen3"}
@@ -40,6 +39,8 @@ def inspect_source(ref: str) -> dict[str, Any]:
     top_k = cfg.get("num_experts_per_tok") if is_moe else None
     active = total - expert_params
     if num_experts:
+        from ckptforge.moe import active_expert_params  # torch: only for an MoE checkpoint
+
         active += active_expert_params(cfg.get("moe_router"), expert_params, num_experts, top_k or 1)
     layers = int(cfg.get("num_hidden_layers", 0))
     if not is_moe:
@@ -66,7 +67,7 @@ def inspect_source(ref: str) -> dict[str, Any]:
         "params_total": total,
         "params_active": active,
         "tensors": len(ckpt.tensors),
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values())),
+        "dtypes": dict(Counter(t.dtype_name for t in ckpt.tensors.values())),
         "files": {p.name: p.stat().st_size for p in ckpt.weight_files},
     }
     if is_moe and (provenance := _multisource_record(ckpt.root)) is not None:  # issue 14

@@ -41,7 +41,9 @@ def test_help_and_version_of_every_command_import_neither_torch_nor_transformers
         for argv in runs:
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 codes[" ".join(argv)] = (main(argv), len(out.getvalue()))
-        print(json.dumps({"codes": codes, "heavy": [m for m in ("torch", "transformers") if m in sys.modules]}))
+        # issue 15: neither pydantic (typer coerces an absent --help through it) nor typer's rich help panels
+        heavy = ("torch", "transformers", "pydantic", "typer.rich_utils")
+        print(json.dumps({"codes": codes, "heavy": [m for m in heavy if m in sys.modules]}))
     """)
     assert result["heavy"] == [], f"--help imported {result['heavy']}"
     assert "upcycle --help" in result["codes"] and "recipes list --help" in result["codes"]
@@ -120,3 +122,14 @@ def test_a_mixtral_conversion_never_imports_transformers(tiny, tmp_path):
     """, str(dense), str(tmp_path / "moe"))
     assert result["code"] == 0 and (tmp_path / "moe" / "model.safetensors").is_file()
     assert result["loaded"] == ["huggingface_hub.hf_api"]  # the model card; transformers never loads
+
+
+@pytest.mark.parametrize("argv", [[], ["recipes"]])
+def test_a_group_without_a_command_prints_its_help_and_exits_2(argv):
+    """Plain help (issue 15): the group's help on stderr, exit 2, not an ``error:`` line wrapping it."""
+    from conftest import run_cli
+
+    done = run_cli(*argv)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"Usage: ckptforge {' '.join(argv)}".rstrip() + " [OPTIONS] COMMAND")
+    assert "error:" not in done.stderr and "Commands:" in done.stderr

@@ -10,10 +10,10 @@ import signal
 import sys
 import traceback
 from types import ModuleType
+from typing import Any
 
 import typer
 
-from ckptforge import __version__
 from ckptforge.errors import CkptforgeError
 from ckptforge.import_hooks import when_imported
 from ckptforge.interrupt import restore as restore_interrupts
@@ -31,9 +31,29 @@ from .options import emit_json
 
 #: click's base exception as typer raises it (recent typer vendors click as ``typer._click``).
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+#: What a group run without a command raises (its message is the group's help).
+_NO_ARGS = getattr(sys.modules[_CLICK_ERROR.__module__], "NoArgsIsHelpError", ())
+
+
+
+class _Group(typer.core.TyperGroup):
+    """The root group; its ``--help`` reads False when absent (typer leaves it None, and coercing that
+    None imports pydantic, ~0.1 s of every command's start-up, ``<command> --help`` included)."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.default = False
+        return option
+
+
+#: Help is click's plain text: typer's rich panels cost ~0.2 s of CPU per ``--help`` (rich.markdown,
+#: rich.traceback and the rendering of ~70 options), more than the rest of the start-up (issue 15).
+HELP_MARKUP = None
 
 app = typer.Typer(
-    name="ckptforge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=_Group, name="ckptforge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=HELP_MARKUP,
     help="Turn dense checkpoints into Mixture-of-Experts checkpoints, and prove they are right.",
 )
 app.command()(upcycle_cmd.upcycle)
@@ -43,11 +63,13 @@ app.command("compare-strategies")(compare_cmd.compare)
 app.command()(finetune_cmd.finetune)  # issue 5: finetune
 app.command()(routes_cmd.routes)
 app.command("eval")(eval_cmd.eval_model)  # issue 13: eval
-app.command()(push_cmd.push); app.add_typer(recipes_cmd.app, name="recipes"); app.command(hidden=True)(docs_cmd.docs)  # issue 6
+app.command()(push_cmd.push); app.add_typer(recipes_cmd.app, name="recipes", cls=_Group); app.command(hidden=True)(docs_cmd.docs)  # issue 6
 
 
 def _version(value: bool) -> None:
     if value:
+        from ckptforge import __version__
+
         typer.echo(f"ckptforge {__version__}")
         raise typer.Exit()
 
@@ -84,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, exit_code_for(exc), as_json)
     except (typer.Abort, KeyboardInterrupt):  # issue 11: Ctrl-C anywhere is one line and 130
         return _fail(KeyboardInterrupt("interrupted"), INTERRUPTED, as_json)
+    except _NO_ARGS as exc:  # `ckptforge` or `ckptforge recipes` alone: the help on stderr, exit 2
+        print(exc.format_message(), file=sys.stderr)
+        return BAD_USAGE
     except _CLICK_ERROR as exc:
         return _fail(exc, BAD_USAGE, as_json, message=f"error: {exc.format_message()}; see --help")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptforge.moe import ROUTER_TYPES
+from ckptforge.moe.settings import ROUTER_SETTINGS
 
 from .base import Family, MoELayout, OutputFormat
 
@@ -33,7 +33,7 @@ class EncoderFamily(Family):
     fallback: tuple[str, str] = ("", "")
     #: Auto class → output class name, for ``auto_map``.
     auto_classes: dict[str, str] = {}
-    routers = tuple(ROUTER_TYPES)
+    routers = tuple(ROUTER_SETTINGS)
 
     def output_architecture(self, config: dict[str, Any]) -> tuple[str, str]:
         archs = config.get("architectures") or []

@@ -8,6 +8,9 @@ directory (single file or sharded with ``*.index.json``) or a Hub id ``org/name[
     ('vit', 70)
     >>> ckpt.read("classifier.weight").shape
     torch.Size([10, 64])
+
+Indexing a safetensors checkpoint reads its JSON headers only and does not import torch (``inspect``
+and ``--dry-run`` stay fast); torch loads when a tensor is read, a dtype is asked for, or a pickle opened.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import math
 import os
 import pickle
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptforge.errors import HubError, SourceError, UnsafeCheckpointError
 from ckptforge.io.hashing import file_sha256, sha256_file  # noqa: F401  (sha256_file: public here too)
+
+if TYPE_CHECKING:
+    import torch
 
 #: Short names for well-known dense checkpoints (``ckptforge inspect --aliases``).
 ALIASES: dict[str, str] = {
@@ -55,23 +60,42 @@ AUX_FILE_PATTERNS = [
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+#: safetensors dtype code → torch's name for it (``torch.<name>``) and bytes per element.
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
 }
+_ITEMSIZE = dict(SAFETENSORS_DTYPES.values())
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``torch.<name>`` (imports torch)."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of the dtype torch calls ``name``, without importing torch where it is known."""
+    return _ITEMSIZE.get(name) or torch_dtype(name).itemsize
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives and what it is, known without reading its data."""
+    """Where one tensor lives and what it is, known without reading its data (nor importing torch)."""
 
     name: str
     file: Path
-    dtype: torch.dtype
+    #: torch's name of the dtype (``float32``, ``bfloat16``, …); :attr:`dtype` is the torch dtype.
+    dtype_name: str
     shape: tuple[int, ...]
     #: Absolute byte range of the data in a safetensors file (None for pickles).
     span: tuple[int, int] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
     @property
     def numel(self) -> int:
@@ -90,6 +114,8 @@ class DenseCheckpoint:
     revision: str | None = None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _files: dict[Path, Any] = field(default_factory=dict, repr=False)
+    #: :meth:`read` may be called from several threads (shards written in parallel).
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into memory (a copy, detached from the file).
@@ -98,19 +124,24 @@ class DenseCheckpoint:
         through a memory map: mapped pages would stay in this process's resident memory for
         the whole run, and memory must stay bounded by one tensor, not the model size.
         """
+        import torch
+
         info = self.tensors[name]
         if info.span is None:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = _open_pickle(info.file)[0]
+            with self._lock:
+                handle = self._handles.get(info.file)
+                if handle is None:
+                    handle = self._handles[info.file] = _open_pickle(info.file)[0]
             return handle[name].clone()
         start, end = info.span
         buf = torch.empty(end - start, dtype=torch.uint8)
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb")
-        f.seek(start)
-        if f.readinto(buf.numpy()) != end - start:
+        with self._lock:
+            f = self._files.get(info.file)
+            if f is None:
+                f = self._files[info.file] = open(info.file, "rb")
+            f.seek(start)
+            complete = f.readinto(buf.numpy()) == end - start
+        if not complete:
             raise SourceError(f"'{info.file}' ended while reading tensor '{name}'; the file is truncated")
         return buf.view(info.dtype).reshape(info.shape)
 
@@ -288,26 +319,33 @@ def _open_weights(path: Path) -> tuple[Any, list[TensorInfo]]:
 
 
 def _open_safetensors(path: Path) -> tuple[Any, list[TensorInfo]]:
-    from safetensors import safe_open
-
+    """Index a safetensors file from its JSON header, checked as the safetensors library checks it
+    (known dtypes, each span the size its shape and dtype give, the spans tiling the data)."""
     data_start, header = _check_safetensors_size(path)
-    try:
-        handle = safe_open(str(path), framework="pt")  # the library validates the header
-        infos = []
-        for name in handle.keys():
-            sl = handle.get_slice(name)
-            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                raise SourceError(f"tensor '{name}' in '{path.name}' has unsupported dtype {sl.get_dtype()}")
-            begin, end = header[name]["data_offsets"]
-            infos.append(TensorInfo(name, path, dtype, tuple(sl.get_shape()), (data_start + begin, data_start + end)))
-    except SourceError:
-        raise
-    except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses
-        raise SourceError(
-            f"'{path}' is not a valid safetensors file ({exc}); re-download or re-export it"
-        ) from exc
-    return handle, infos
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceError(f"'{path}' is not a valid safetensors file (bad entry for tensor '{name}'); "
+                              "re-download or re-export it") from exc
+        if code not in SAFETENSORS_DTYPES:
+            raise SourceError(f"tensor '{name}' in '{path.name}' has unsupported dtype {code}")
+        dtype_name, itemsize = SAFETENSORS_DTYPES[code]
+        if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)) or \
+                end - begin != math.prod(shape) * itemsize:
+            raise SourceError(f"'{path}' is not a valid safetensors file (tensor '{name}': shape {list(shape)} "
+                              f"{code} does not fill bytes {begin}-{end}); re-download or re-export it")
+        infos.append(TensorInfo(name, path, dtype_name, shape, (data_start + begin, data_start + end)))
+    covered = data_start
+    for info in sorted(infos, key=lambda i: i.span):
+        if info.span[0] != covered:
+            raise SourceError(f"'{path}' is not a valid safetensors file (tensor data overlaps or leaves a gap at "
+                              f"'{info.name}'); re-download or re-export it")
+        covered = info.span[1]
+    return None, sorted(infos, key=lambda i: i.name)  # the order safetensors' safe_open lists them in
 
 
 def _check_safetensors_size(path: Path) -> tuple[int, dict[str, Any]]:
@@ -335,6 +373,8 @@ def _check_safetensors_size(path: Path) -> tuple[int, dict[str, Any]]:
 
 
 def _open_pickle(path: Path) -> tuple[dict[str, torch.Tensor], list[TensorInfo]]:
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
@@ -355,5 +395,5 @@ def _open_pickle(path: Path) -> tuple[dict[str, torch.Tensor], list[TensorInfo]]
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SourceError(f"'{path}' does not hold a flat state dict of tensors; save model.state_dict()")
-    infos = [TensorInfo(k, path, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    infos = [TensorInfo(k, path, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()]
     return state, infos
