@@ -30,6 +30,7 @@ from ckptforge.families import detect_family
 from ckptforge.io.source import open_checkpoint
 from ckptforge.loading import load_model
 from ckptforge.strategies import STRATEGIES
+from ckptforge.strategy_settings import DATA_FREE_SCORE_NAMES
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _runs(names: list[str], shared: dict[str, Any]) -> list[tuple[str, dict[str,
         runs.append((name, own))
         for variant in STRATEGIES[name].compare_variants:
             params = {**own, **variant}
-            if params.get("score", "activation") != "activation":
+            if params.get("score") in DATA_FREE_SCORE_NAMES:
                 params.pop("metric", None)  # a data-free score has no activation metric
             if params != own:
                 runs.append((name, params))
