@@ -59,7 +59,7 @@ class SubsetSettings(StrategySettings):
     expert_width: int | None = setting(None, "hidden units per expert S (none: d_ff/E, or r·d_ff with --expert-ratio)")
     expert_ratio: float | None = setting(None, "expert width as a fraction r of d_ff (S = r·d_ff)")
     mode: str = setting("sample", _MODE, flag="--coactivation-mode", choices=("sample",))
-    output_scale: str = setting("auto", "factor on the combined expert output: auto (k for partitions, 1 for "
+    output_scale: str | float = setting("auto", "factor on the combined expert output: auto (k for partitions, 1 for "
                                 "sampled experts) | 1 | k | E/k | G (d_ff/S) | a number")
 
 
@@ -129,8 +129,13 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def owners_of(name: str) -> str:
+    """``--strategy a or --strategy b``: the strategies that take setting ``name`` (empty: none)."""
+    return " or ".join(f"--strategy {k}" for k, cls in STRATEGY_SETTINGS.items() if name in setting_names(cls))
+
+
 def _not_here(kind: str, name: str) -> str:
-    owners = " or ".join(f"--strategy {k}" for k, cls in STRATEGY_SETTINGS.items() if name in setting_names(cls))
+    owners = owners_of(name)
     where = f"; it is a setting of {owners}: drop it or use that strategy" if owners else "; drop it"
     return f"{flag_of(name)} does not apply to --strategy {kind}{where}"
 

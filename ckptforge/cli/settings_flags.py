@@ -56,14 +56,21 @@ class SettingsFlags:
         raise KeyError(name)
 
     def help(self, name: str) -> str:
-        """One flag's help: each owner's meaning, choices and default."""
-        groups: dict[str, list[str]] = {}
+        """One flag's help: each owner's meaning, choices and default (owners that differ only in
+        choices or default share the meaning: ``text: random: a | b (default a); coactivation: …``)."""
+        groups: dict[str, dict[tuple[str, str], list[str]]] = {}
         for kind, f in self.fields()[name]:
-            choices = f.metadata.get("choices")
-            text = f.metadata["help"] + (f": {' | '.join(choices)}" if choices else "")
-            text += "" if f.default is None else f" (default {f.default})"
-            groups.setdefault(text, []).append(kind)
-        return "; ".join(f"{'/'.join(kinds)}: {text}" for text, kinds in groups.items()) + "."
+            choices = " | ".join(f.metadata.get("choices") or ())
+            default = "" if f.default is None else f"(default {f.default})"
+            groups.setdefault(f.metadata["help"], {}).setdefault((choices, default), []).append(kind)
+        parts = []
+        for text, variants in groups.items():
+            if len(variants) == 1:
+                ((choices, default), kinds), = variants.items()
+                parts.append(f"{'/'.join(kinds)}: {text}{_values(choices, default)}")
+            else:
+                parts.append(f"{text}: " + "; ".join(f"{'/'.join(k)}{_values(*v)}" for v, k in variants.items()))
+        return "; ".join(parts) + "."
 
     def parameters(self) -> list[inspect.Parameter]:
         """One keyword parameter (default None: not given) per setting, for a typer command."""
@@ -74,6 +81,11 @@ class SettingsFlags:
             out.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
                 kind | None, typer.Option(*decls, help=self.help(name))]))
         return out
+
+
+def _values(choices: str, default: str) -> str:
+    """``: a | b (default a)``, `` (default 2.0)`` or nothing."""
+    return (f": {choices}" if choices else "") + (f" {default}" if default else "")
 
 
 ROUTER_FLAGS = SettingsFlags(router_settings.ROUTER_SETTINGS, router_settings.flag_of, "router")
