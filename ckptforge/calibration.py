@@ -28,6 +28,7 @@ import torch
 from ckptforge.calibration_data import CalibrationSet
 from ckptforge.errors import CalibrationError
 from ckptforge.io.source import DenseCheckpoint
+from ckptforge.strategy_settings import CoactivationSettings
 
 #: What :class:`LayerStats` can accumulate: per-unit scores, co-activation counts, input centroids,
 #: per-channel energy of the FFN input (cross-size recycling picks channels with it; issue 13).
@@ -343,7 +344,7 @@ def statistics_for(ckpt: DenseCheckpoint, options: Any, moe_layers: list[int], m
         raise CalibrationError(missing_calibration_message(options))
     data = load_calibration(options.calibration, ckpt, modality, samples=options.calib_samples,
                             batch_size=options.calib_batch_size, seed=options.seed)
-    threshold = options.strategy_params.get("threshold", "zero")
+    threshold = options.strategy_params.get("threshold", CoactivationSettings.threshold)
     key = stats_key(ckpt, data, moe_layers, threshold, needs)
     if options.stats_cache and (cached := load_stats(options.stats_cache, key)) is not None:
         cached.calibration["cache"] = "hit"

@@ -30,6 +30,7 @@ from ckptforge.families import detect_family
 from ckptforge.io.source import open_checkpoint
 from ckptforge.loading import load_model
 from ckptforge.strategies import STRATEGIES
+from ckptforge.strategy_settings import DATA_FREE_SCORE_NAMES, flag_of, owners_of
 
 
 @dataclass
@@ -77,6 +78,10 @@ def compare_strategies(source: str | Path, calibration: str | Path, *, num_exper
         raise UsageError(f"unknown strategy {unknown[0]!r}; choose from: {', '.join(STRATEGIES)}")
     if not 0 < heldout < 1:
         raise UsageError(f"--heldout {heldout} is outside (0, 1); use e.g. 0.25")
+    unused = sorted(set(strategy_params or {}) - {p for n in names for p in STRATEGIES[n].params})
+    if unused:  # issue 12: a strategy option is taken by a compared strategy or refused, never ignored
+        raise UsageError(f"{flag_of(unused[0])} applies to none of the compared strategies ({', '.join(names)}); it is "
+                         f"a setting of {owners_of(unused[0]) or 'no strategy'}: add that strategy to --strategies or drop it")
     ckpt = open_checkpoint(str(source))
     family = detect_family(ckpt.config)
     try:
@@ -114,7 +119,7 @@ def _runs(names: list[str], shared: dict[str, Any]) -> list[tuple[str, dict[str,
         runs.append((name, own))
         for variant in STRATEGIES[name].compare_variants:
             params = {**own, **variant}
-            if params.get("score", "activation") != "activation":
+            if params.get("score") in DATA_FREE_SCORE_NAMES:
                 params.pop("metric", None)  # a data-free score has no activation metric
             if params != own:
                 runs.append((name, params))

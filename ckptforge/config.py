@@ -13,6 +13,7 @@ from typing import Any
 
 from ckptforge.moe.settings import ROUTER_SETTINGS as SETTINGS_CLASSES
 from ckptforge.moe.settings import router_settings as settings_of
+from ckptforge.strategy_settings import strategy_problems
 
 #: ``--dtype`` value → the name of the torch dtype it forces (None: keep the source's).
 DTYPES: dict[str, str | None] = {
@@ -23,11 +24,6 @@ ROUTER_INITS = ("normal", "zeros", "centroid")
 #: Default strategy for soft/sphero routers when calibration data is given (MoE Jetpack's
 #: importance sampling); otherwise (and for every other router) the default is copy-all.
 SLOT_ROUTER_STRATEGY = "importance"
-#: The data-free importance scores (``--importance-score``; their formulas live in
-#: ``strategies/importance.py``, which refuses to load if the two lists differ) and the one used
-#: without calibration data. Kept here, torch-free, so that ``--help`` does not import torch.
-DATA_FREE_SCORE_NAMES = ("weight-norm", "down-norm")
-DEFAULT_DATA_FREE_SCORE = "weight-norm"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -86,7 +82,7 @@ class UpcycleOptions:
             out.append("--calib-samples and --calib-batch-size must be at least 1")
         if self.shard_size < 1:
             out.append("--shard-size must be positive, e.g. 5GB or 500MB")
-        return out + router_problems(self.router)
+        return out + router_problems(self.router) + strategy_problems(self.strategy, self.strategy_params)
 
 
 # --- routers (issue 4; issue 12: the settings live in ckptforge/moe/settings.py) ------------------

@@ -167,7 +167,6 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
     if strategy is None:
         problems.append(f"unknown strategy {options.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     else:
-        problems += strategy.param_problems(options.strategy_params)
         problems += strategy.validate(options.strategy_params, dims.intermediate_size,
                                       options.num_experts, options.top_k)
         expert_width = strategy.expert_width(options.strategy_params, dims.intermediate_size, options.num_experts)

@@ -9,13 +9,14 @@ import pytest
 import typer
 
 from ckptforge.cli import app, main
+from ckptforge.cli.settings_flags import STRATEGY_FLAGS
 from conftest import REPO
 
 EXAMPLE = str(REPO / "examples" / "tiny-vit-mnist")
 SAMPLES = str(REPO / "examples" / "mnist-samples")
-SHARED = ("--experts", "--top-k", "--layers", "--expert-width", "--expert-ratio", "--metric", "--coactivation-mode",
+SHARED = tuple(dict.fromkeys(("--experts", "--top-k", "--layers", "--expert-width", "--expert-ratio", "--metric", "--coactivation-mode",
           "--parts", "--threshold", "--output-scale", "--importance-score", "--calib-samples", "--calib-batch-size",
-          "--seed")
+          "--seed", *(STRATEGY_FLAGS.flag_of(name) for name in STRATEGY_FLAGS.fields()))))  # issue 12: every strategy flag
 
 
 def _options(command: str) -> dict[str, tuple]:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from .options import CalibBatchOpt, CalibSamplesOpt, JsonOpt, SeedOpt, emit_json, stdout
-from .options import (  # issue 12
-    ExpertRatioOpt, ExpertsOpt, ExpertWidthOpt, ImportanceScoreOpt, LayersOpt, MetricOpt, ModeOpt, OutputScaleOpt,
-    PartsOpt, ThresholdOpt, TopKOpt, subset_params,
-)
+from .options import ExpertsOpt, LayersOpt, TopKOpt  # issue 12
+from .settings_flags import STRATEGY_FLAGS, with_settings_flags
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
     from ckptforge.compare import Comparison
 
 
+@with_settings_flags(STRATEGY_FLAGS)  # issue 12: upcycle's strategy flags; each goes to the strategies that take it
 def compare(
     source: Annotated[str, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id.")],
     calibration: Annotated[str, typer.Option("--calibration", help="Image folder, .txt/.jsonl file or dataset.")],
@@ -24,20 +23,12 @@ def compare(
     top_k: TopKOpt = 2,
     layers: LayersOpt = "every-2",
     strategies: Annotated[str | None, typer.Option("--strategies", help="Comma list (default: all).")] = None,
-    # --- issue 12: upcycle's strategy options, from the same definitions; each goes to the strategies that take it ---
-    expert_width: ExpertWidthOpt = None,
-    expert_ratio: ExpertRatioOpt = None,
-    metric: MetricOpt = None,
-    coactivation_mode: ModeOpt = None,
-    parts: PartsOpt = None,
-    threshold: ThresholdOpt = None,
-    output_scale: OutputScaleOpt = None,
-    importance_score: ImportanceScoreOpt = None,
     heldout: Annotated[float, typer.Option("--heldout", help="Fraction of samples held out for the init gap.")] = 0.25,
     calib_samples: CalibSamplesOpt = 256,
     calib_batch_size: CalibBatchOpt = 16,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
+    **strategy_flags: Any,
 ) -> None:
     """Convert with every strategy and report init gap, expert overlap, coverage and time."""
     from ckptforge.compare import compare_strategies
@@ -45,9 +36,7 @@ def compare(
     names = [s.strip() for s in strategies.split(",") if s.strip()] if strategies else None
     report = compare_strategies(source, calibration, num_experts=experts, top_k=top_k, layers=layers,
                                 strategies=names, samples=calib_samples, batch_size=calib_batch_size,
-                                heldout=heldout, seed=seed, strategy_params=subset_params(
-                                    expert_width, expert_ratio, metric, coactivation_mode, parts, threshold,
-                                    output_scale, importance_score))
+                                heldout=heldout, seed=seed, strategy_params=STRATEGY_FLAGS.values(strategy_flags))
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -11,8 +11,6 @@ from typing import Annotated, Any, Iterator
 import typer
 from rich.console import Console
 
-from ckptforge.config import DATA_FREE_SCORE_NAMES, DEFAULT_DATA_FREE_SCORE
-
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a previous ckptforge output (or an empty directory); never other files.")]
@@ -25,34 +23,14 @@ ExpertsOpt = Annotated[int, typer.Option("--experts", "-e", help="Experts per Mo
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Experts per token (k).")]
 LayersOpt = Annotated[str, typer.Option("--layers", help="all | every-N | last-N | last-P% | i,j,k (every-2: layers 1,3,5,…).")]
 
-# --- strategy / calibration options (issue 3), shared by upcycle and compare-strategies ---
-ExpertWidthOpt = Annotated[int | None, typer.Option("--expert-width", help="Hidden units per expert S (default d_ff/E).")]
-ExpertRatioOpt = Annotated[float | None, typer.Option("--expert-ratio", help="Expert width as a fraction r of d_ff (S = r·d_ff).")]
-MetricOpt = Annotated[str | None, typer.Option("--metric", help="importance: unit score l2 (default) | l1 | count.")]
-ModeOpt = Annotated[str | None, typer.Option(
-    "--coactivation-mode", help="coactivation: partition (default) | sample; random: sample (default) | partition.")]
-PartsOpt = Annotated[int | None, typer.Option("--parts", help="coactivation: METIS parts P (partition: E; sample: 4E).")]
-ThresholdOpt = Annotated[str | None, typer.Option("--threshold", help="coactivation: a unit is active above zero | p90.")]
-OutputScaleOpt = Annotated[str | None, typer.Option(
-    "--output-scale", help="Factor on the combined expert output: auto | 1 | k | E/k | G | number.")]
-ImportanceScoreOpt = Annotated[str | None, typer.Option(  # issue 12: data-free importance
-    "--importance-score", help=f"importance: unit score activation (from --calibration; the default with it) | "
-    f"{' | '.join(DATA_FREE_SCORE_NAMES)} (data-free, from the weights; {DEFAULT_DATA_FREE_SCORE} without --calibration).")]
+# --- calibration options (issue 3), shared by upcycle and compare-strategies; the strategy settings' flags are
+# generated from ckptforge/strategy_settings.py (cli/settings_flags.py) ---
 CalibrationOpt = Annotated[str | None, typer.Option(
     "--calibration", help="Calibration data: image folder, .txt/.jsonl file, or dataset id/dir.")]
 CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration samples to use.")]
 CalibBatchOpt = Annotated[int, typer.Option("--calib-batch-size", help="Calibration batch size.")]
 StatsCacheOpt = Annotated[Path | None, typer.Option(
     "--stats-cache", help="File to save / reuse activation statistics (keyed by source + calibration).")]
-
-
-def subset_params(expert_width: int | None, expert_ratio: float | None, metric: str | None, mode: str | None,
-                  parts: int | None, threshold: str | None, output_scale: str | None,
-                  score: str | None = None) -> dict[str, Any]:
-    """The strategy_params the subset-strategy options set (only those given)."""
-    given = {"expert_width": expert_width, "expert_ratio": expert_ratio, "metric": metric, "mode": mode,
-             "parts": parts, "threshold": threshold, "output_scale": output_scale, "score": score}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 stdout = Console(soft_wrap=True)

@@ -9,7 +9,7 @@ from rich.table import Table
 
 
 from .options import JsonOpt, emit_json, stdout
-from .router_options import router_flag_params
+from .settings_flags import ROUTER_FLAGS, STRATEGY_FLAGS
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, not for --help
     from ckptforge.config import UpcycleOptions
@@ -53,13 +53,11 @@ def show_recipe(
 
 
 #: upcycle flags whose option field has another name; (field, key) puts the value into a dict field.
-#: A flag named like an UpcycleOptions field needs no entry; router setting flags are added below.
+#: A flag named like an UpcycleOptions field needs no entry; the router and strategy setting flags
+#: are derived from their settings classes.
 FLAG_FIELDS: dict[str, str | tuple[str, str]] = {
     "experts": "num_experts", "core_experts": "num_experts", "router": ("router", "type"),
-    **{name: ("strategy_params", name) for name in ("noise_std", "drop_ratio", "expert_width", "expert_ratio",
-                                                    "metric", "parts", "threshold", "output_scale")},
-    "coactivation_mode": ("strategy_params", "mode"), "importance_score": ("strategy_params", "score"),
-    **{param: ("router", setting) for param, setting in router_flag_params().items()},
+    **{param: (group.target, name) for group in (ROUTER_FLAGS, STRATEGY_FLAGS) for param, name in group.params().items()},
 }
 _GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may bring its own click enum
 

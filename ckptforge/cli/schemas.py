@@ -6,7 +6,10 @@ Every command prints exactly one JSON object on stdout; on failure that object i
 
 from __future__ import annotations
 
+import typing
 from typing import Any
+
+from .settings_flags import ROUTER_FLAGS, STRATEGY_FLAGS, SettingsFlags
 
 _INT, _NUM, _STR, _BOOL = {"type": "integer"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"}
 _OBJ, _NULL_STR = {"type": "object"}, {"type": ["string", "null"]}
@@ -18,6 +21,26 @@ def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None) -> di
     return {"type": "object", "required": sorted(required), "properties": {**required, **(optional or {})}}
 
 
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def settings_schema(group: SettingsFlags, **extra: Any) -> dict[str, Any]:
+    """The schema of a settings dict (``strategy_params`` / ``router``), generated from the settings classes:
+    one property per setting (its JSON type, choices and help), nothing else allowed."""
+    properties = dict(extra)
+    for name, owners in group.fields().items():
+        hint = typing.get_type_hints(group.registry[owners[0][0]])[name]
+        types = [_JSON_TYPES[t] if t is not type(None) else "null" for t in (typing.get_args(hint) or (hint,))]
+        prop: dict[str, Any] = {"type": types[0] if len(types) == 1 else types, "description": group.help(name)}
+        choices = [c for _, f in owners for c in f.metadata.get("choices", ())]
+        if choices:
+            prop["enum"] = list(dict.fromkeys(choices))
+        properties[name] = prop
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+STRATEGY_PARAMS = settings_schema(STRATEGY_FLAGS)
+ROUTER = settings_schema(ROUTER_FLAGS, type={"enum": list(ROUTER_FLAGS.registry)})
 ERROR = _obj({"error": _STR, "exit_code": _INT}, {"report": _OBJ})
 
 _ERROR_PAIR = _obj({"max_abs": _NUM, "relative": _NUM})
@@ -28,7 +51,7 @@ VERIFY_REPORT = _obj({
 PLAN = _obj({
     "source": _STR, "family": _STR, "output_format": _STR, "architecture": _NULL_STR, "num_layers": _INT,
     "hidden_size": _INT, "intermediate_size": _INT, "moe_layers": _INTS, "num_experts": _INT, "top_k": _INT,
-    "expert_width": _INT, "strategy": _STR, "strategy_params": _OBJ, "router": _OBJ, "router_init": _STR,
+    "expert_width": _INT, "strategy": _STR, "strategy_params": STRATEGY_PARAMS, "router": ROUTER, "router_init": _STR,
     "seed": _INT, "params_total": _INT, "params_active": _INT, "tensors": _INT, "shards": _STRS,
     "bytes_to_write": _INT, "free_bytes": {"type": ["integer", "null"]}, "dropped_tensors": _STRS,
     "moe_tensors": {"type": "array", "items": _obj({"name": _STR, "shape": _INTS, "dtype": _STR})},
@@ -80,7 +103,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "$defs": {"plan": PLAN, "recipe": RECIPE_RECORD, "verify": VERIFY_REPORT, "push": PUSH},
         "oneOf": [
             _obj({"dry_run": {"const": True}, "plan": {"$ref": "#/$defs/plan"}},
-                 {"recipe": {"$ref": "#/$defs/recipe"}, "options": {"type": "object"}}),
+                 {"recipe": {"$ref": "#/$defs/recipe"}, "options": _obj({}, {
+                     "strategy_params": {"$ref": "#/$defs/plan/properties/strategy_params"},
+                     "router": {"$ref": "#/$defs/plan/properties/router"}})}),
             _obj({"out": _STR, "seconds": _NUM, "plan": {"$ref": "#/$defs/plan"},
                   "files": {"type": "object", "additionalProperties": _STR},
                   "verify": {"oneOf": [{"type": "null"}, {"$ref": "#/$defs/verify"}]}},

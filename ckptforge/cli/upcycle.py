@@ -13,11 +13,8 @@ from ckptforge.config import SLOT_ROUTER_STRATEGY
 
 from .push import push_output
 from .recipes import apply_recipe
-from .router_options import router_choices, router_flag_params, with_router_flags
-from .options import (
-    CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, ExpertRatioOpt, ExpertWidthOpt, ImportanceScoreOpt, MetricOpt,
-    ModeOpt, OutputScaleOpt, PartsOpt, StatsCacheOpt, ThresholdOpt, subset_params,
-)
+from .settings_flags import ROUTER_FLAGS, STRATEGY_FLAGS, router_choices, with_settings_flags
+from .options import CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, StatsCacheOpt
 from .options import (  # issue 12: shared with compare-strategies
     ExpertsOpt, LayersOpt, TopKOpt,
 )
@@ -31,7 +28,7 @@ if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for
     from ckptforge.plan import Plan
 
 
-@with_router_flags
+@with_settings_flags(ROUTER_FLAGS, STRATEGY_FLAGS)  # issue 12: generated from the settings dataclasses
 def upcycle(
     ctx: typer.Context,
     source: Annotated[str | None, typer.Argument(help="Dense checkpoint: path, directory, alias or Hub id org/name[@rev] (the base with --expert-source; omitted with --config).")] = None,
@@ -40,24 +37,12 @@ def upcycle(
     top_k: TopKOpt = 2,
     layers: LayersOpt = "every-2",
     strategy: Annotated[str | None, typer.Option("--strategy", "-s", help=f"Expert initialisation strategy (default copy-all; soft/sphero with --calibration: {SLOT_ROUTER_STRATEGY}).")] = None,
-    noise_std: Annotated[float, typer.Option("--noise-std", help="copy-all: Gaussian noise std on expert weights.")] = 0.0,
-    drop_ratio: Annotated[float, typer.Option("--drop-ratio", help="copy-all: Drop-Upcycling re-draw ratio (0.5 in the paper).")] = 0.0,
     router_init: Annotated[str, typer.Option("--router-init", help="normal (std --router-init-std) | zeros | centroid (from --calibration).")] = "normal",
     router_init_std: Annotated[float, typer.Option("--router-init-std", help="Std of the normal router init.")] = 0.02,
-    # --- strategy and calibration options (issue 3) ---
-    expert_width: ExpertWidthOpt = None,
-    expert_ratio: ExpertRatioOpt = None,
-    metric: MetricOpt = None,
-    coactivation_mode: ModeOpt = None,
-    parts: PartsOpt = None,
-    threshold: ThresholdOpt = None,
-    output_scale: OutputScaleOpt = None,
-    importance_score: ImportanceScoreOpt = None,
     calibration: CalibrationOpt = None,
     calib_samples: CalibSamplesOpt = 256,
     calib_batch_size: CalibBatchOpt = 16,
     stats_cache: StatsCacheOpt = None,
-    # --- end strategy options ---
     seed: SeedOpt = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (keep) | float32 | bfloat16 | float16.")] = "auto",
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
@@ -67,75 +52,34 @@ def upcycle(
     tol: TolOpt = 1e-5,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    # --- routers (issue 4; issue 12: the router setting flags are generated from ckptforge/moe/settings.py) ---
     router: Annotated[str, typer.Option("--router", help=router_choices() + ".")] = "topk",
     core_experts: Annotated[int | None, typer.Option("--core-experts", help="sphero: core experts (same as --experts).")] = None,
-    # --- issue 6: recipes and Hub push ---
     recipe: Annotated[str | None, typer.Option("--recipe", help="A recipe name (ckptforge recipes list) or YAML path; explicit flags override its values.")] = None,
     push_to: Annotated[str | None, typer.Option("--push-to", help="After a successful conversion (and verify, if asked), push the output to this Hub repo id.")] = None,
-    # --- issue 12: the card's base_model ---
     base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id to name as the card's base_model (default: the Hub repo the source came from, if any).")] = None,
-    # --- issue 14: multi-source MoE (mergekit-moe configs) ---
     moe_config: Annotated[Path | None, typer.Option("--config", help="A mergekit-moe YAML (base_model, gate_mode, experts, …), run unchanged; SOURCE is then omitted.")] = None,
     expert_source: Annotated[list[str] | None, typer.Option("--expert-source", help="Expert e's FFN from this model (repeat once per expert); SOURCE gives attention, norms, embeddings and head.")] = None,
     shared_expert: Annotated[list[str] | None, typer.Option("--shared-expert", help="A Qwen2-MoE shared expert from this model, 'dense' for the base's own FFN (repeatable: one wider shared FFN), or 'carved' (with --calibration, no --expert-source): the most active units shared, the rest partitioned into --experts.")] = None,
     gate_mode: Annotated[str | None, typer.Option("--gate-mode", help="Router rows: random (default with --expert-source) | uniform_random | cheap_embed | hidden | hidden_avg (prompt modes need --config).")] = None,
     architecture: Annotated[str | None, typer.Option("--architecture", help="Multi-source output: mixtral | qwen2_moe | qwen3_moe (default: the family's choice).")] = None,
     no_prompts_in_card: Annotated[bool, typer.Option("--no-prompts-in-card", help="Record each expert's prompts as a count and sha256, not the text.")] = False,
-    # --- end issue 14 ---
-    # --- issue 13: cross-size recycling (MoE Jetpack) ---
     teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration).")] = None,
-    **router_flags: Any,
+    **setting_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
     if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported lazily: --help stays fast)
         from .multisource import run_multisource
 
         return run_multisource(ctx, locals())
-    if source is None:  # issue 14
-        raise UsageError("SOURCE is required: ckptforge upcycle SOURCE --out DIR (or --config moe.yml for a multi-source MoE)")
-    if gate_mode or architecture or no_prompts_in_card:  # issue 14
-        raise UsageError("--gate-mode, --architecture and --no-prompts-in-card apply to a multi-source MoE; "
-                         "add --expert-source or --config")
-    if push_to is not None:  # issue 11: a bad repo id is refused before converting
-        from ckptforge.hub import check_repo_id
-
-        check_repo_id(push_to)
-    if not dry_run and out is not None:  # issue 15: hash the source on the idle core while torch imports
-        from ckptforge.io.hashing import local_source_files, prehash
-
-        prehash(local_source_files(source))
-    from ckptforge.config import UpcycleOptions, parse_size, router_settings
+    options = upcycle_options(ctx, locals())
     from ckptforge.io.source import open_checkpoint
     from ckptforge.plan import build_plan
 
-    try:
-        size = parse_size(shard_size)
-    except ValueError as exc:
-        raise UsageError(f"--shard-size: {exc}") from None
-    names = router_flag_params()
-    settings = router_settings(router, **{names[k]: v for k, v in router_flags.items()})
-    strategy_params = {"noise_std": noise_std or None, "drop_ratio": drop_ratio or None, **subset_params(
-        expert_width, expert_ratio, metric, coactivation_mode, parts, threshold, output_scale, importance_score)}
-    options = UpcycleOptions(
-        num_experts=core_experts or experts, top_k=top_k, layers=layers, strategy=strategy, router=settings,
-        strategy_params={k: v for k, v in strategy_params.items() if v is not None},
-        router_init=router_init, router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=size,
-        calibration=calibration, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
-        stats_cache=str(stats_cache) if stats_cache else None,
-        teacher=teacher,  # issue 13
-    )
-    if recipe is not None:  # issue 6
-        options = apply_recipe(ctx, recipe, options)
     ckpt = open_checkpoint(source)  # issue 12: opened and planned once
     plan = build_plan(ckpt, options, out)
     _say_data_free(options, plan)
     if dry_run:
-        if as_json:
-            emit_json({"dry_run": True, "plan": plan.to_dict(), "options": options.to_dict(), "recipe": options.recipe})
-        else:
-            render_plan(plan)
-        return
+        return _render_dry_run(plan, options, as_json)
     if out is None:
         raise UsageError("--out is required to write a checkpoint (or use --dry-run)")
     from ckptforge.execute import upcycle as run_upcycle  # after --dry-run: it imports transformers
@@ -144,6 +88,47 @@ def upcycle(
         result = run_upcycle(ckpt, out, options, force=force, verify=verify, tol=tol, progress=progress, plan=plan,
                              base_model=base_model)
     _report(result, options, push_to, as_json, quiet, tol)
+
+
+def upcycle_options(ctx: typer.Context, p: dict[str, Any]) -> UpcycleOptions:
+    """The :class:`UpcycleOptions` of ``upcycle``'s single-source path from its parameters ``p`` (by name):
+    the flags checked, the router and strategy settings collected, the recipe (if any) beneath the typed flags."""
+    if p["source"] is None:  # issue 14
+        raise UsageError("SOURCE is required: ckptforge upcycle SOURCE --out DIR (or --config moe.yml for a multi-source MoE)")
+    if p["gate_mode"] or p["architecture"] or p["no_prompts_in_card"]:  # issue 14
+        raise UsageError("--gate-mode, --architecture and --no-prompts-in-card apply to a multi-source MoE; "
+                         "add --expert-source or --config")
+    if p["push_to"] is not None:  # issue 11: a bad repo id is refused before converting
+        from ckptforge.hub import check_repo_id
+
+        check_repo_id(p["push_to"])
+    if not p["dry_run"] and p["out"] is not None:  # issue 15: hash the source on the idle core while torch imports
+        from ckptforge.io.hashing import local_source_files, prehash
+
+        prehash(local_source_files(p["source"]))
+    from ckptforge.config import UpcycleOptions, parse_size, router_settings
+
+    try:
+        size = parse_size(p["shard_size"])
+    except ValueError as exc:
+        raise UsageError(f"--shard-size: {exc}") from None
+    flags = p["setting_flags"]
+    options = UpcycleOptions(
+        num_experts=p["core_experts"] or p["experts"], top_k=p["top_k"], layers=p["layers"], strategy=p["strategy"],
+        router=router_settings(p["router"], **ROUTER_FLAGS.values(flags)), strategy_params=STRATEGY_FLAGS.values(flags),
+        router_init=p["router_init"], router_init_std=p["router_init_std"], seed=p["seed"], dtype=p["dtype"],
+        shard_size=size, calibration=p["calibration"], calib_samples=p["calib_samples"],
+        calib_batch_size=p["calib_batch_size"], stats_cache=str(p["stats_cache"]) if p["stats_cache"] else None,
+        teacher=p["teacher"],  # issue 13
+    )
+    return apply_recipe(ctx, p["recipe"], options) if p["recipe"] is not None else options  # issue 6
+
+
+def _render_dry_run(plan: Plan, options: UpcycleOptions, as_json: bool) -> None:
+    if as_json:
+        emit_json({"dry_run": True, "plan": plan.to_dict(), "options": options.to_dict(), "recipe": options.recipe})
+    else:
+        render_plan(plan)
 
 
 def _say_data_free(options: UpcycleOptions, plan: Plan) -> None:

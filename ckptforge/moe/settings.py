@@ -14,13 +14,13 @@ gives its help text, its CLI flag when that is not ``--`` + the name with ``-``,
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar
 
 
 def setting(default: Any, help: str, check: str | None = None, flag: str | None = None,
             choices: tuple[str, ...] = ()) -> Any:
-    """A settings field: ``check`` is ``positive``, ``non_negative`` or ``fraction`` ([0, 1))."""
+    """A settings field: ``check`` is ``positive``, ``non_negative``, ``fraction`` ([0, 1)) or ``share`` ([0, 1])."""
     return field(default=default, metadata={"help": help, "check": check, "flag": flag, "choices": choices})
 
 
@@ -43,20 +43,31 @@ class RouterSettings:
     def problems(self, hidden_size: int | None = None) -> list[str]:
         """Every problem with these values, each naming its flag and the fix."""
         out = [_not_here(self.kind, name) for name in sorted(self.given) if name not in _names(type(self))]
-        for f in fields(self):
-            value, check = getattr(self, f.name), f.metadata.get("check")
-            if value is None or f.name == "given":
-                continue
-            flag = flag_of(f.name)
-            if check == "positive" and not value > 0:
-                out.append(f"{flag} {value} must be positive")
-            elif check == "non_negative" and not value >= 0:
-                out.append(f"{flag} {value} must not be negative")
-            elif check == "fraction" and not 0 <= value < 1:
-                out.append(f"{flag} {value} must be in [0, 1)")
-            if f.metadata.get("choices") and value not in f.metadata["choices"]:
-                out.append(f"{flag} {value!r} is not one of {', '.join(f.metadata['choices'])}")
-        return out
+        return out + check_fields(self, flag_of)
+
+
+def check_fields(settings: Any, flag: Callable[[str], str]) -> list[str]:
+    """The failed ``check``s and ``choices`` of a settings object's fields, each naming ``flag(field name)``.
+
+    Shared by the router settings here and the strategy settings (``ckptforge/strategy_settings.py``).
+    """
+    out = []
+    for f in fields(settings):
+        value, check = getattr(settings, f.name), f.metadata.get("check")
+        if value is None or f.name == "given":
+            continue
+        name = flag(f.name)
+        if check == "positive" and not value > 0:
+            out.append(f"{name} {value} must be positive")
+        elif check == "non_negative" and not value >= 0:
+            out.append(f"{name} {value} must not be negative")
+        elif check == "fraction" and not 0 <= value < 1:
+            out.append(f"{name} {value} must be in [0, 1)")
+        elif check == "share" and not 0 <= value <= 1:
+            out.append(f"{name} {value} must be in [0, 1]")
+        if f.metadata.get("choices") and value not in f.metadata["choices"]:
+            out.append(f"{name} {value!r} is not one of {', '.join(f.metadata['choices'])}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,7 @@ class SoftSettings(RouterSettings):
     kind: ClassVar[str] = "soft"
     slots: int = setting(1, "slots per expert", "positive")
     temperature: float = setting(0.5, "initial dispatch and combine temperature", "positive")
-    combine: str = setting("softmax", "softmax | entmax15 over slots", choices=("softmax", "entmax15"))
+    combine: str = setting("softmax", "normalisation over the slots", choices=("softmax", "entmax15"))
     expert_dropout: float = setting(0.0, "expert dropout in training", "fraction")
     drop_path: float = setting(0.0, "drop-path on the MoE output in training", "fraction")
 
@@ -146,12 +157,3 @@ def router_settings(router: dict[str, Any] | None) -> RouterSettings:
     own = _names(cls)
     return cls(given=frozenset(router), **{k: v for k, v in router.items() if k in own})
 
-
-def setting_defaults() -> dict[str, list[tuple[str, Any, str]]]:
-    """Setting name → [(router type, default, help)], over every router; what the flags are built from."""
-    out: dict[str, list[tuple[str, Any, str]]] = {}
-    for kind, cls in ROUTER_SETTINGS.items():
-        for f in fields(cls):
-            if f.name != "given" and f.default is not MISSING:
-                out.setdefault(f.name, []).append((kind, f.default, f.metadata["help"]))
-    return out

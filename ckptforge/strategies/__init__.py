@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ckptforge.errors import UsageError
+from ckptforge.strategy_settings import STRATEGY_SETTINGS
 
 from .base import DenseFFN, ExpertInit, LayerSelection, Strategy
 from .coactivation import Coactivation
@@ -20,9 +21,14 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
-    """Add a strategy to the registry; a second one with the same name raises."""
+    """Add a strategy to the registry; a second one with the same name raises, and so does one whose
+    settings class is not the one ``ckptforge/strategy_settings.py`` registers under its name (the flags,
+    recipe checks and schema are generated from there, without importing torch)."""
     if strategy.name in STRATEGIES:
         raise ValueError(f"strategy {strategy.name!r} is already registered")
+    if STRATEGY_SETTINGS.get(strategy.name) is not strategy.settings or strategy.settings.kind != strategy.name:
+        raise ValueError(f"strategy {strategy.name!r}: add its settings class {strategy.settings.__name__} (kind "
+                         f"{strategy.name!r}) to STRATEGY_SETTINGS in ckptforge/strategy_settings.py")
     STRATEGIES[strategy.name] = strategy
     return strategy
 

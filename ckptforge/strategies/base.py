@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckptforge.strategy_settings import StrategySettings, setting_names, settings_from
+
 
 @dataclass
 class DenseFFN:
@@ -50,32 +52,26 @@ class LayerSelection:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-#: strategy_params key → its upcycle flag, where that is not ``--`` + the key with ``-``.
-PARAM_FLAGS = {"mode": "--coactivation-mode", "score": "--importance-score"}
-
-
 class Strategy:
-    """Base class: subclasses set ``name`` and implement ``select``."""
+    """Base class: subclasses set ``name`` and ``settings`` (their class in ``ckptforge/strategy_settings.py``)
+    and implement ``select``."""
 
     name: ClassVar[str] = ""
+    #: The settings dataclass: the ``strategy_params`` this strategy takes and their defaults (issue 12).
+    settings: ClassVar[type[StrategySettings]] = StrategySettings
     needs_stats: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     #: Parameter sets compare-strategies measures beside the defaults (e.g. importance's data-free score).
     compare_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
-    #: The ``strategy_params`` keys this strategy takes; any other is refused (issue 12).
-    params: ClassVar[tuple[str, ...]] = ()
 
-    def param_problems(self, params: dict[str, Any]) -> list[str]:
-        """A parameter this strategy does not take, naming the strategies that take it."""
-        from ckptforge.strategies import STRATEGIES
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The ``strategy_params`` keys this strategy takes (the fields of its settings class)."""
+        return setting_names(self.settings)
 
-        out = []
-        for key in sorted(set(params) - set(self.params)):
-            owners = " or ".join(f"--strategy {n}" for n, s in STRATEGIES.items() if key in s.params)
-            flag = PARAM_FLAGS.get(key, "--" + key.replace("_", "-"))
-            where = f"; it is a setting of {owners}: drop it or use that strategy" if owners else "; drop it"
-            out.append(f"{flag} does not apply to --strategy {self.name}{where}")
-        return out
+    def settings_of(self, params: dict[str, Any]) -> StrategySettings:
+        """``params`` (``UpcycleOptions.strategy_params``) as this strategy's settings, defaults filled in."""
+        return settings_from(self.settings, params)
 
     def validate(self, params: dict[str, Any], intermediate_size: int, num_experts: int, top_k: int) -> list[str]:
         """Problems with ``params`` for this FFN size; empty when fine (checked before any tensor is read)."""

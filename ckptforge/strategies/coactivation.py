@@ -14,42 +14,39 @@ from typing import Any
 
 import torch
 
+from ckptforge.strategy_settings import CoactivationSettings
+
 from .base import DenseFFN, ExpertInit, LayerSelection
 from .graph import partition_units
 from .subset import SubsetStrategy
-
-THRESHOLDS = ("zero", "p90")
 
 
 class Coactivation(SubsetStrategy):
     name = "coactivation"
     needs_stats = True
     summary = "METIS partition of the calibration co-activation graph (MoEfication / MoE Jetpack)"
-    modes = ("partition", "sample")
-    params = (*SubsetStrategy.params, "parts", "threshold")
+    settings = CoactivationSettings
 
     def stats_needed(self, params: dict[str, Any]) -> set[str]:
         return {"scores", "coactivation"}
 
     def validate(self, params: dict[str, Any], intermediate_size: int, num_experts: int, top_k: int) -> list[str]:
         problems = super().validate(params, intermediate_size, num_experts, top_k)
-        if params.get("threshold", "zero") not in THRESHOLDS:
-            problems.append(f"--threshold {params['threshold']!r} is not one of {', '.join(THRESHOLDS)}")
-        parts = params.get("parts")
+        parts = self.settings_of(params).parts
         if parts is not None and not 1 <= parts <= intermediate_size:
             problems.append(f"--parts {parts} is outside 1..{intermediate_size} (d_ff); use e.g. {4 * num_experts}")
         return problems
 
     def num_parts(self, params: dict[str, Any], num_experts: int, intermediate_size: int) -> int:
         default = num_experts if self.is_partition(params) else 4 * num_experts
-        return min(int(params.get("parts") or default), intermediate_size)
+        return min(int(self.settings_of(params).parts or default), intermediate_size)
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
         d_ff = ffn.intermediate_size
         nparts = self.num_parts(params, num_experts, d_ff)
         parts = partition_units(stats.coactivation, nparts)
-        summary = {"mode": params.get("mode", "partition"), "parts": nparts,
+        summary = {"mode": self.settings_of(params).mode, "parts": nparts,
                    "part_sizes": sorted({p.numel() for p in parts})}
         if self.is_partition(params):
             group = nparts // num_experts

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ckptforge.strategy_settings import GranularSettings
+
 from .base import DenseFFN, ExpertInit, LayerSelection
 from .subset import SubsetStrategy
 
@@ -20,6 +22,7 @@ from .subset import SubsetStrategy
 class Granular(SubsetStrategy):
     name = "granular"
     summary = "d_ff split into G slices of width S, replicated E/G times (Megatron virtual groups)"
+    settings = GranularSettings
 
     def is_partition(self, params: dict[str, Any]) -> bool:
         return False

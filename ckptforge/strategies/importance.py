@@ -14,12 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from ckptforge.config import DATA_FREE_SCORE_NAMES, DEFAULT_DATA_FREE_SCORE
+from ckptforge.strategy_settings import DATA_FREE_SCORE_NAMES, ImportanceSettings
 
 from .base import DenseFFN, ExpertInit, LayerSelection
 from .subset import SubsetStrategy
-
-METRICS = ("l2", "l1", "count")
 
 
 def _row_norms(ffn: DenseFFN, *roles: str) -> torch.Tensor:
@@ -37,14 +35,13 @@ DATA_FREE_SCORES: dict[str, Callable[[DenseFFN], torch.Tensor]] = {
     "weight-norm": lambda ffn: _row_norms(ffn, "up", "gate", "down"),
     "down-norm": lambda ffn: _row_norms(ffn, "down"),
 }
-if tuple(DATA_FREE_SCORES) != DATA_FREE_SCORE_NAMES:  # the names --help shows (config.py, torch-free)
-    raise ImportError(f"config.DATA_FREE_SCORE_NAMES {DATA_FREE_SCORE_NAMES} != {tuple(DATA_FREE_SCORES)}")
-#: DEFAULT_DATA_FREE_SCORE (config.py) is the data-free score used when no calibration data is
-#: given: of the data-free scores it started closest to dense on examples/tiny-vit-mnist (E=4, k=2,
+if tuple(DATA_FREE_SCORES) != DATA_FREE_SCORE_NAMES:  # the names --help shows (strategy_settings.py, torch-free)
+    raise ImportError(f"strategy_settings.DATA_FREE_SCORE_NAMES {DATA_FREE_SCORE_NAMES} != {tuple(DATA_FREE_SCORES)}")
+#: The data-free score used when no calibration data is given (``ImportanceSettings.data_free_score``):
+#: of the data-free scores it started closest to dense on examples/tiny-vit-mnist (E=4, k=2,
 #: every-2; compare-strategies init gap, mean of seeds 0-3: weight-norm 0.0878, down-norm 0.1102;
 #: activation l2 0.0865, random 0.1239).
-#: ``activation``: MoE Jetpack's score from calibration activations (``metric``).
-SCORES = ("activation", *DATA_FREE_SCORES)
+DEFAULT_DATA_FREE_SCORE = ImportanceSettings.data_free_score
 
 
 def importance_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -59,7 +56,7 @@ class Importance(SubsetStrategy):
     needs_stats = True
     summary = "experts sample units in proportion to their calibration activation score (MoE Jetpack)"
     compare_variants = ({"score": DEFAULT_DATA_FREE_SCORE},)
-    params = (*SubsetStrategy.params, "metric", "score")
+    settings = ImportanceSettings
 
     def resolve_params(self, params: dict[str, Any], has_data: bool) -> dict[str, Any]:
         """Without calibration data (and no ``score`` chosen) the data-free default score."""
@@ -68,15 +65,11 @@ class Importance(SubsetStrategy):
         return {**params, "score": DEFAULT_DATA_FREE_SCORE}
 
     def stats_needed(self, params: dict[str, Any]) -> set[str]:
-        return {"scores"} if params.get("score", "activation") == "activation" else set()
+        return {"scores"} if self.settings_of(params).score == "activation" else set()
 
     def validate(self, params: dict[str, Any], intermediate_size: int, num_experts: int, top_k: int) -> list[str]:
         problems = super().validate(params, intermediate_size, num_experts, top_k)
-        if params.get("metric", "l2") not in METRICS:
-            problems.append(f"--metric {params['metric']!r} is not one of {', '.join(METRICS)}")
-        if params.get("score", "activation") not in SCORES:
-            problems.append(f"--importance-score {params['score']!r} is not one of {', '.join(SCORES)}")
-        elif params.get("score", "activation") != "activation" and "metric" in params:
+        if self.settings_of(params).score in DATA_FREE_SCORES and "metric" in params:
             problems.append("--metric applies to --importance-score activation only (it scores calibration "
                             "activations); drop it or pass --calibration")
         return problems
@@ -84,9 +77,9 @@ class Importance(SubsetStrategy):
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
         d_ff = ffn.intermediate_size
-        width = self.expert_width(params, d_ff, num_experts)
-        score = params.get("score", "activation")
-        scores = stats.score(params.get("metric", "l2")) if score == "activation" else DATA_FREE_SCORES[score](ffn)
+        width, settings = self.expert_width(params, d_ff, num_experts), self.settings_of(params)
+        score, metric = settings.score, settings.metric
+        scores = stats.score(metric) if score == "activation" else DATA_FREE_SCORES[score](ffn)
         p = importance_probabilities(scores)
         # units with zero score are drawn last, never instead of a unit with a positive score
         p = p + (p == 0).double() * 1e-300
@@ -94,5 +87,5 @@ class Importance(SubsetStrategy):
                 for _ in range(num_experts)]
         top = p.topk(width).values.sum().item()
         return LayerSelection([ExpertInit(s) for s in sets],
-                              summary={**({"metric": params.get("metric", "l2")} if score == "activation" else {"score": score}),
+                              summary={**({"metric": metric} if score == "activation" else {"score": score}),
                                        "top_width_score_mass": round(top, 6)})

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ckptforge.strategy_settings import RandomSettings
+
 from .base import DenseFFN, ExpertInit, LayerSelection
 from .subset import SubsetStrategy
 
@@ -20,7 +22,7 @@ from .subset import SubsetStrategy
 class Random(SubsetStrategy):
     name = "random"
     summary = "each expert takes S random hidden units (or a random partition with mode=partition)"
-    modes = ("sample", "partition")
+    settings = RandomSettings
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
@@ -33,4 +35,4 @@ class Random(SubsetStrategy):
             sets = [torch.randperm(d_ff, generator=generator)[:width] for _ in range(num_experts)]
         return LayerSelection([ExpertInit(s.sort().values) for s in sets],
                               down_bias_scale=self.down_bias_scale(params, num_experts),
-                              summary={"mode": params.get("mode", "sample")})
+                              summary={"mode": self.settings_of(params).mode})

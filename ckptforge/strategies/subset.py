@@ -1,6 +1,7 @@
 """Shared rules of the strategies whose experts are index subsets of the dense FFN's hidden units.
 
-Parameters (``UpcycleOptions.strategy_params``):
+Parameters (``UpcycleOptions.strategy_params``; fields and defaults:
+:class:`~ckptforge.strategy_settings.SubsetSettings`):
 
 - ``expert_width`` S or ``expert_ratio`` r (S = round(r·d_ff)); default S = d_ff // E.
 - ``mode``: ``sample`` (experts drawn independently, they may overlap) or ``partition`` (E disjoint
@@ -17,27 +18,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Strategy
+from ckptforge.strategy_settings import SCALE_NAMES, SubsetSettings
 
-SCALE_NAMES = ("auto", "1", "k", "E/k", "G")
-MODES = ("sample", "partition")
+from .base import Strategy
 
 
 class SubsetStrategy(Strategy):
     """Base class of random / uniform / importance / coactivation / granular."""
 
-    modes: tuple[str, ...] = ("sample",)
-    params = ("expert_width", "expert_ratio", "mode", "output_scale")
+    settings = SubsetSettings
 
     def is_partition(self, params: dict[str, Any]) -> bool:
-        return params.get("mode", self.modes[0]) == "partition"
+        return self.settings_of(params).mode == "partition"
 
     def validate(self, params: dict[str, Any], intermediate_size: int, num_experts: int, top_k: int) -> list[str]:
-        d_ff, problems = intermediate_size, []
-        mode = params.get("mode", self.modes[0])
-        if mode not in self.modes:
-            problems.append(f"--coactivation-mode {mode!r} is not available for {self.name}; use one of: {', '.join(self.modes)}")
-        width, ratio = params.get("expert_width"), params.get("expert_ratio")
+        d_ff, problems, settings = intermediate_size, [], self.settings_of(params)
+        width, ratio = settings.expert_width, settings.expert_ratio
         if width is not None and ratio is not None:
             problems.append("--expert-width and --expert-ratio both given; pass only one")
         if width is not None and not 0 < width <= d_ff:
@@ -45,27 +41,28 @@ class SubsetStrategy(Strategy):
                             f"choose a width in that range or use --expert-ratio")
         if ratio is not None and not 0 < ratio <= 1:
             problems.append(f"--expert-ratio {ratio} is outside (0, 1]; use e.g. 0.25 for experts of d_ff/4")
-        if mode == "partition":
-            problems += _partition_problems(params, d_ff, num_experts)
-        scale = params.get("output_scale", "auto")
+        if settings.mode == "partition":
+            problems += _partition_problems(settings, d_ff, num_experts)
+        scale = settings.output_scale
         if str(scale) not in SCALE_NAMES and not _is_number(scale):
             problems.append(f"--output-scale {scale!r} is not understood; use one of {', '.join(SCALE_NAMES)} or a number")
         return problems
 
     def expert_width(self, params: dict[str, Any], intermediate_size: int, num_experts: int = 1) -> int:
+        settings = self.settings_of(params)
         if self.is_partition(params):
             return max(1, intermediate_size // num_experts)
-        if params.get("expert_width") is not None:
-            return int(params["expert_width"])
-        if params.get("expert_ratio") is not None:
-            return max(1, round(params["expert_ratio"] * intermediate_size))
+        if settings.expert_width is not None:
+            return int(settings.expert_width)
+        if settings.expert_ratio is not None:
+            return max(1, round(settings.expert_ratio * intermediate_size))
         return max(1, intermediate_size // num_experts)
 
     def default_scale(self, params: dict[str, Any]) -> str:
         return "k" if self.is_partition(params) else "1"
 
     def output_scale(self, params: dict[str, Any], num_experts: int, top_k: int, intermediate_size: int = 0) -> float:
-        scale = str(params.get("output_scale", "auto"))
+        scale = str(self.settings_of(params).output_scale)
         if scale == "auto":
             scale = self.default_scale(params)
         width = self.expert_width(params, intermediate_size, num_experts) if intermediate_size else 1
@@ -78,15 +75,15 @@ class SubsetStrategy(Strategy):
         return 1.0 / num_experts if self.is_partition(params) else 1.0
 
 
-def _partition_problems(params: dict[str, Any], d_ff: int, num_experts: int) -> list[str]:
+def _partition_problems(settings: Any, d_ff: int, num_experts: int) -> list[str]:
     problems = []
     if d_ff % num_experts:
         problems.append(f"d_ff={d_ff} is not divisible by --experts {num_experts}, which partition mode needs; "
                         f"use a divisor of {d_ff} or --coactivation-mode sample")
-    if params.get("expert_width") is not None or params.get("expert_ratio") is not None:
+    if settings.expert_width is not None or settings.expert_ratio is not None:
         problems.append(f"partition mode fixes the expert width to d_ff/E = {d_ff // num_experts}; "
                         "drop --expert-width/--expert-ratio or use --coactivation-mode sample")
-    parts = params.get("parts")
+    parts = getattr(settings, "parts", None)  # coactivation's METIS parts
     if parts is not None and parts < num_experts:
         problems.append(f"--parts {parts} is fewer than --experts {num_experts}; partition mode needs at least one "
                         f"part per expert: use --parts {num_experts} or leave it out")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ckptforge.strategy_settings import UniformSettings
+
 from .base import DenseFFN, ExpertInit, LayerSelection
 from .subset import SubsetStrategy
 
@@ -18,6 +20,7 @@ from .subset import SubsetStrategy
 class Uniform(SubsetStrategy):
     name = "uniform"
     summary = "every expert takes the same evenly spaced S hidden units (MoE Jetpack)"
+    settings = UniformSettings
 
     def units(self, intermediate_size: int, width: int) -> torch.Tensor:
         """The evenly spaced unit indices (unique, sorted)."""
