@@ -26,9 +26,10 @@ from ckptforge.config import UpcycleOptions
 from ckptforge.io.paths import check_output_file, local_paths
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
-from ckptforge.loading import copy_files, write_remote_code
+from ckptforge.loading import copy_files
 from ckptforge.moe import moe_tensor_layout
 from ckptforge.plan import Plan, PlannedTensor, build_plan
+from ckptforge.remote_code import write_remote_code
 from ckptforge.strategies import STRATEGIES, DenseFFN, ExpertInit, LayerSelection
 
 Progress = Callable[[int], None]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ckptforge.errors import SourceError, UsageError
+from ckptforge.families.formats import modality_of
 from ckptforge.io.inputs import open_image, read_utf8
 from ckptforge.io.paths import check_output_file
 from ckptforge.loading import load_model
@@ -89,7 +90,7 @@ def route_input(model_dir: str | Path, input_path: str | Path) -> RoutesReport:
 
 
 def _inputs(model_dir: Path, config: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str], int | None, str]:
-    if config.model_type == "vit_moe":
+    if modality_of(config.to_dict()) == "image":
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise UsageError(f"'{path}' is not an image ({', '.join(IMAGE_SUFFIXES)}); a ViT-MoE model routes image patches")
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
