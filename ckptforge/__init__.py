@@ -17,15 +17,10 @@ from ckptforge.interrupt import quiet_start_up  # issue 11: keep first, before a
 quiet_start_up()
 
 import importlib  # noqa: E402
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ckptforge.import_hooks import when_imported  # noqa: E402
-
-try:
-    __version__ = version("ckptforge")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from ckptforge.version import __version__  # noqa: E402
 
 #: public name → the module that defines it (imported on first access).
 _PUBLIC = {
