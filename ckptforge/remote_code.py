@@ -49,8 +49,10 @@ def bundle(entry: Path) -> str:
         head, body = _split(path, tree, entry.resolve())
         imports += head
         bodies.append(body)
-    docstring = ast.get_docstring(ast.parse(entry.read_text()), clean=False)
-    top = [f'"""{docstring}"""\n'] if docstring else []
+    source = entry.read_text()
+    first = ast.parse(source).body[:1]
+    docstring = first and ast.get_docstring(ast.Module(body=first, type_ignores=[])) is not None
+    top = [ast.get_source_segment(source, first[0]) + "\n"] if docstring else []  # as written, escapes kept
     return "\n".join([*top, *_merged_imports(imports), "", *bodies]).rstrip() + "\n"
 
 
