@@ -3,7 +3,10 @@ tags, which layers are MoE, dummy inputs — checked against the real transforme
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from ckptforge.families import FAMILIES, OUTPUT_FORMATS, format_of
 from ckptforge.families.formats import dummy_inputs, family_of, modality_of, moe_layers_of
 from ckptforge.inspection import inspect_source
 from ckptforge.loading import config_object, model_class
+from conftest import REPO, cli_env
 
 _TEXT = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
              max_position_embeddings=32, num_experts_per_tok=2)
@@ -83,3 +87,14 @@ def test_inspect_reports_the_sparse_step_layers_of_a_qwen2_moe(tmp_path):
     transformers.Qwen2MoeForCausalLM(config).save_pretrained(tmp_path / "qwen2-moe")
     info = inspect_source(str(tmp_path / "qwen2-moe"))
     assert (info["is_moe"], info["family"], info["moe_layers"]) == (True, "llama", [1])
+
+
+def test_registry_answers_without_importing_torch():
+    code = ("import json, sys\nfrom ckptforge.families.formats import family_of, modality_of, moe_layers_of\n"
+            "c = {'model_type': 'vit_moe', 'moe_layers': [1]}\n"
+            "print(json.dumps([family_of(c).name, modality_of(c), moe_layers_of(c),"
+            " [m for m in ('torch', 'transformers') if m in sys.modules]]))")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["vit", "image", [1], []]
