@@ -35,19 +35,11 @@ _ALIASES = {"load_source": "open_checkpoint"}
 __all__ = sorted([*_PUBLIC, *_ALIASES, "__version__", "modeling"])
 
 
-def _version() -> str:
-    """The installed distribution's version (importlib.metadata costs ~25 ms: read on first use)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ckptforge")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.0.0+unknown"
-
-
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        value = globals()[name] = _version()
+        from ckptforge.version import installed_version
+
+        value = globals()[name] = installed_version()
         return value
     if name == "modeling":
         return importlib.import_module("ckptforge.modeling")

@@ -11,16 +11,6 @@ from huggingface_hub import ModelCard, ModelCardData
 from ckptforge.errors import UsageError
 from ckptforge.io.source import ALIASES, DenseCheckpoint
 
-_PIPELINES = {
-    "ViTMoEForImageClassification": "image-classification",
-    "ViTMoEModel": "image-feature-extraction",
-    "BertMoEForSequenceClassification": "text-classification",
-    "BertMoEModel": "feature-extraction",
-    "BertMoEForMaskedLM": "fill-mask",
-    "MixtralForCausalLM": "text-generation",
-    "Qwen2MoeForCausalLM": "text-generation",
-    "Qwen3MoeForCausalLM": "text-generation",
-}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 #: How the experts compute, for stock transformers MoE classes and for ckptforge's own (issue 15).
 _EXPERTS_BACKEND_STOCK = (
@@ -66,7 +56,7 @@ def card_data(plan: Any, source_ref: str, base_model: str | None = None) -> Mode
     return ModelCardData(
         base_model=check_base_model(base_model) if base_model else hub_repo_id(source_ref),
         library_name="transformers",
-        pipeline_tag=_PIPELINES.get(arch),
+        pipeline_tag=plan.output_format.pipelines.get(arch),
         tags=["moe", "upcycled", plan.options.strategy, "ckptforge"],
     )
 

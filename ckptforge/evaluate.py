@@ -30,6 +30,7 @@ from ckptforge.calibration import dense_weights_path
 from ckptforge.config import ROUTER_SETTINGS
 from ckptforge.datasets import TASKS, TaskData, load_task_data, task_for
 from ckptforge.errors import PlanError, UsageError
+from ckptforge.families import format_of
 from ckptforge.io.source import open_checkpoint
 from ckptforge.loading import load_model
 from ckptforge.moe import StackedExperts, TopKRouter
@@ -182,7 +183,8 @@ def _task(config: dict[str, Any]) -> Any:
 def _router_name(config: dict[str, Any]) -> str | None:
     if "moe_router" in config:
         return config["moe_router"].get("type", "topk")
-    return config.get("model_type") if "num_local_experts" in config or "num_experts" in config else None
+    fmt = format_of(config)  # a stock MoE format (Mixtral, Qwen-MoE): transformers' own router
+    return fmt.name if fmt is not None else None
 
 
 def _no_capacity_router(config: dict[str, Any], model_ref: Any) -> str:

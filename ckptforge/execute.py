@@ -1,4 +1,6 @@
-"""Follow a Plan: stream tensors from the dense checkpoint into the MoE checkpoint.
+"""Follow a Plan: stream tensors from the dense checkpoint into the MoE checkpoint (orchestration only:
+the tensor maths is in :mod:`ckptforge.expert_tensors`, the records in :mod:`ckptforge.provenance`,
+heap trimming in :mod:`ckptforge.memory`).
 
 Memory stays bounded by one layer's dense FFN plus the tensor being written, per shard being
 written (two at once, :data:`PARALLEL_SHARDS`): each MoE layer's FFN is read once per shard that
@@ -9,10 +11,7 @@ holds it, experts are materialised one at a time and written straight to the sha
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,16 +21,22 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ckptforge import __version__
 from ckptforge.card import check_base_model, render_card
 from ckptforge.config import UpcycleOptions
+from ckptforge.expert_tensors import channel_block, expert_tensor, generator_for, initial_tensor
 from ckptforge.io.paths import check_output_file, local_paths
-from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
+from ckptforge.io.source import DenseCheckpoint, open_checkpoint
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
-from ckptforge.loading import copy_files, write_remote_code
+from ckptforge.loading import copy_files
+from ckptforge.memory import trim_heap
 from ckptforge.moe import moe_tensor_layout
 from ckptforge.plan import Plan, PlannedTensor, build_plan
+from ckptforge.provenance import calibration_record, provenance, teacher_channels
+from ckptforge.remote_code import write_remote_code
 from ckptforge.strategies import STRATEGIES, DenseFFN, ExpertInit, LayerSelection
+
+#: Re-exported for callers that cut expert tensors themselves (multi-source conversion, tests).
+__all__ = ["UpcycleResult", "expert_tensor", "generator_for", "upcycle", "write_tensors"]
 
 Progress = Callable[[int], None]
 
@@ -78,11 +83,7 @@ def upcycle(
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     options = plan.options  # with the defaults the plan resolved (e.g. a data-free importance score)
     teacher = open_checkpoint(options.teacher) if options.teacher else None  # issue 13: cross-size
-    reads = [*ckpt.read_paths(), *(teacher.read_paths() if teacher else []), *local_paths([options.calibration])]
-    target = AtomicOutput(out, force, reads)
-    target.check()
-    if options.stats_cache:
-        check_output_file("--stats-cache", options.stats_cache, reads, writes=[out])
+    target = _output_target(out, force, ckpt, teacher, options)
     if stats is None:
         from ckptforge.calibration import statistics_for
         from ckptforge.families import FAMILIES
@@ -93,29 +94,56 @@ def upcycle(
         source_hashes = pool.submit(ckpt.file_hashes)  # reads the source again; overlaps the writing
         shard_hashes = write_tensors(plan, ckpt, tmp, stats=stats, progress=progress, selections=selections,
                                      teacher=teacher)
-        (tmp / "config.json").write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
-        if plan.output_format.remote_module:
-            write_remote_code(plan.output_format.remote_module, tmp)
-        copy_files(ckpt.aux_files(), tmp)
-        report = None
-        if verify:
-            from ckptforge.verify import verify_model
-
-            report = verify_model(tmp, against=ckpt, tol=tol, options=options.to_dict())
-            report.moe_dir = str(out)
-        calibration = _calibration_record(stats, selections)
-        if teacher is not None:  # issue 13: the card names the teacher and its channels
-            calibration = {**(calibration or {}), "teacher_channels": _channels(selections)}
-        (tmp / "README.md").write_text(render_card(plan, ckpt, report, calibration, base_model))
-        provenance = _provenance(plan, ckpt, source_hashes.result(), tmp, shard_hashes, report)
-        provenance["calibration"] = calibration
-        if teacher is not None:  # issue 13
-            provenance["teacher"] = {**plan.teacher, "files": teacher.file_hashes(), "channels": _channels(selections)}
-            teacher.close()
-        (tmp / "ckptforge.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        report = _write_model_files(plan, ckpt, tmp, out, verify, tol)
+        record = _write_records(plan, ckpt, tmp, report, stats, selections, teacher, base_model,
+                                source_hashes.result(), shard_hashes)
     ckpt.close()
-    return UpcycleResult(out, plan, provenance["files"], time.perf_counter() - start, report, provenance,
+    return UpcycleResult(out, plan, record["files"], time.perf_counter() - start, report, record,
                          {layer: [e.units for e in sel.experts] for layer, sel in selections.items()})
+
+
+def _output_target(out: Path, force: bool, ckpt: DenseCheckpoint, teacher: DenseCheckpoint | None,
+                   options: UpcycleOptions) -> AtomicOutput:
+    """The atomic output directory, checked not to overwrite anything the conversion reads."""
+    reads = [*ckpt.read_paths(), *(teacher.read_paths() if teacher else []), *local_paths([options.calibration])]
+    target = AtomicOutput(out, force, reads)
+    target.check()
+    if options.stats_cache:
+        check_output_file("--stats-cache", options.stats_cache, reads, writes=[out])
+    return target
+
+
+def _write_model_files(plan: Plan, ckpt: DenseCheckpoint, tmp: Path, out: Path, verify: bool, tol: float) -> Any:
+    """config.json, the remote code of ckptforge's own formats, the source's tokenizer / processor
+    files; then the verify report when asked (run on the written files)."""
+    (tmp / "config.json").write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
+    if plan.output_format.remote_module:
+        write_remote_code(plan.output_format.remote_module, tmp)
+    copy_files(ckpt.aux_files(), tmp)
+    if not verify:
+        return None
+    from ckptforge.verify import verify_model
+
+    report = verify_model(tmp, against=ckpt, tol=tol, options=plan.options.to_dict())
+    report.moe_dir = str(out)
+    return report
+
+
+def _write_records(plan: Plan, ckpt: DenseCheckpoint, tmp: Path, report: Any, stats: Any,
+                   selections: dict[int, LayerSelection], teacher: DenseCheckpoint | None, base_model: str | None,
+                   source_hashes: dict[str, str], shard_hashes: dict[str, str]) -> dict[str, Any]:
+    """README.md (the card) and ckptforge.json (the provenance, returned)."""
+    calibration = calibration_record(stats, selections)
+    if teacher is not None:  # issue 13: the card names the teacher and its channels
+        calibration = {**(calibration or {}), "teacher_channels": teacher_channels(selections)}
+    (tmp / "README.md").write_text(render_card(plan, ckpt, report, calibration, base_model))
+    record = provenance(plan, ckpt, source_hashes, tmp, shard_hashes, report)
+    record["calibration"] = calibration
+    if teacher is not None:  # issue 13
+        record["teacher"] = {**plan.teacher, "files": teacher.file_hashes(), "channels": teacher_channels(selections)}
+        teacher.close()
+    (tmp / "ckptforge.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
 
 
 #: Shards written at once (issue 15): each shard's sha256 is one serial chain (~1.6 GB/s per core)
@@ -179,12 +207,6 @@ def _counted(pieces: Iterator[torch.Tensor], progress: Progress | None,
         yield piece
         if progress is not None:
             progress(piece.numel() * piece.element_size())
-
-
-def generator_for(seed: int, *keys: object) -> torch.Generator:
-    """A torch.Generator seeded from ``seed`` and ``keys``: the same keys give the same stream."""
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class _LayerMaker:
@@ -272,7 +294,7 @@ class _LayerMaker:
     def _load(self, layer: int, num_experts: int | None = None) -> tuple[DenseFFN, LayerSelection]:
         if self._layer != layer:
             self._ffn = self._selection = None
-            _trim_heap()
+            trim_heap()
             names = self.family.ffn_names(self.ffn_prefix, layer)
             weights = {role: self.ffn_ckpt.read(self.ffn_canonical[n]) for role, n in names.items()
                        if n in self.ffn_canonical}
@@ -292,129 +314,3 @@ class _LayerMaker:
             self._layer = layer
             self.selections[layer] = self._selection
         return self._ffn, self._selection
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps freed blocks of tens of MB in its heaps once its mmap threshold has grown, and the
-    reading, hashing and staging threads fragment them: without this, peak RSS of a conversion grew
-    with the number of layers (1012 MiB at 22, 1342 MiB at 33 TinyLlama-shape layers); trimmed
-    once per MoE layer it stays flat.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _find_malloc_trim() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # absent with musl
-    except OSError:
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator,
-                  down_scale: float = 1.0) -> torch.Tensor:
-    """Expert ``expert``'s tensor of ``role``: rows (gate/up/up_bias) or columns (down) of its units,
-    re-drawn units replaced from N(mean, std) of the dense matrix, Gaussian noise added; ``down`` and
-    ``down_bias`` multiplied by ``down_scale`` (an output scale folded into the weights)."""
-    t = _expert_tensor(ffn, sel, expert, role, g)
-    if down_scale != 1.0 and role.startswith("down"):
-        t = (t.float() * down_scale).to(t.dtype)
-    return t
-
-
-def _expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g: torch.Generator) -> torch.Tensor:
-    from ckptforge.cross_size import slice_channels
-
-    init = sel.experts[expert]
-    w = slice_channels(ffn.weights[role], role, init.channels)  # issue 13: a teacher's channels
-    if role == "down_bias":
-        return w * sel.down_bias_scale if sel.down_bias_scale != 1.0 else w
-    full = init.units.numel() == w.shape[-1 if role == "down" else 0] and bool(
-        (init.units == torch.arange(init.units.numel())).all()
-    )
-    if full:
-        t = w
-    else:
-        t = w[:, init.units] if role == "down" else w[init.units]
-    if init.redraw is not None and init.redraw.numel():
-        t = t.clone()
-        ref = w.float()
-        shape = (t.shape[0], init.redraw.numel()) if role == "down" else (init.redraw.numel(), *t.shape[1:])
-        fresh = (torch.randn(shape, generator=g) * ref.std() + ref.mean()).to(t.dtype)
-        if role == "down":
-            t[:, init.redraw] = fresh
-        else:
-            t[init.redraw] = fresh
-    if sel.noise_std > 0 and not role.endswith("bias"):
-        t = (t.float() + torch.randn(t.shape, generator=g) * sel.noise_std).to(t.dtype)
-    return t
-
-
-def _channels(selections: dict[int, LayerSelection]) -> list[int] | None:
-    """The teacher channels the experts keep (one set for every layer), as a list."""
-    first = next((sel.experts[0].channels for sel in selections.values() if sel.experts), None)
-    return first.tolist() if first is not None else None
-
-
-def _calibration_record(stats: Any, selections: dict[int, LayerSelection]) -> dict[str, Any] | None:
-    """Calibration source, sample count, statistics summary and each layer's selection summary."""
-    record: dict[str, Any] = {}
-    if stats is not None and hasattr(stats, "describe"):
-        record["statistics"] = stats.describe()
-    if any(sel.summary for sel in selections.values()):
-        record["selection"] = {str(layer): sel.summary for layer, sel in sorted(selections.items())}
-    return record or None
-
-
-def initial_tensor(init: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """A fresh tensor for an MoE block's own parameter: normal, zeros, ones, identity, orthogonal or a constant.
-
-        >>> initial_tensor("identity", (2, 2), torch.Generator()).tolist()
-        [[1.0, 0.0], [0.0, 1.0]]
-    """
-    if init == "zeros":
-        return torch.zeros(shape)
-    if init == "ones":
-        return torch.ones(shape)
-    if init == "identity":
-        return torch.eye(*shape)
-    if init == "normal":
-        return torch.randn(shape, generator=g) * 0.02
-    if init == "orthogonal":
-        q, r = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=g))
-        q = q * torch.sign(torch.diagonal(r))
-        return q if shape[0] >= shape[1] else q.T
-    return torch.full(shape, float(init))
-
-
-def channel_block(t: torch.Tensor, role: str, block: int, width: int) -> torch.Tensor:
-    """Keep channels ``block·width … (block+1)·width`` of the model dimension of an expert tensor."""
-    part = slice(block * width, (block + 1) * width)
-    if role in ("up", "gate"):
-        return t[:, part]
-    if role == "down":
-        return t[part]
-    return t[part] if role == "down_bias" else t
-
-
-def _provenance(plan: Plan, ckpt: DenseCheckpoint, source_hashes: dict[str, str], out_dir: Path,
-                shard_hashes: dict[str, str], report: Any) -> dict[str, Any]:
-    files = {
-        p.name: shard_hashes.get(p.name) or sha256_file(p)
-        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"
-    }
-    return {
-        "ckptforge_version": __version__,
-        "source": {"ref": ckpt.source, "revision": ckpt.revision, "files": source_hashes},
-        "options": plan.options.to_dict(),
-        "plan": {k: v for k, v in plan.to_dict().items() if k not in ("moe_tensors", "free_bytes")},
-        "verify": report.to_dict() if report is not None else None,
-        "files": files,
-    }

@@ -11,12 +11,9 @@ import re
 from collections import Counter
 from typing import Any
 
-from ckptforge.errors import UnsupportedArchitectureError
-from ckptforge.families import detect_family
+from ckptforge.families import format_of
+from ckptforge.families.formats import family_of, moe_layers_of
 from ckptforge.io.source import open_checkpoint
-
-#: MoE model types ckptforge writes → the dense family they come from.
-MOE_TYPES = {"vit_moe": "vit", "bert_moe": "bert", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "qwen3"}
 
 
 def inspect_source(ref: str) -> dict[str, Any]:
@@ -24,14 +21,8 @@ def inspect_source(ref: str) -> dict[str, Any]:
     ckpt = open_checkpoint(ref)
     cfg = ckpt.config
     model_type = cfg.get("model_type")
-    is_moe = model_type in MOE_TYPES
-    if is_moe:
-        family = MOE_TYPES[model_type]
-    else:
-        try:
-            family = detect_family(cfg).name
-        except UnsupportedArchitectureError:
-            family = None
+    is_moe = format_of(cfg) is not None
+    family = getattr(family_of(cfg), "name", None)
     total = sum(t.numel for t in ckpt.tensors.values())
     # routed experts: ".experts." (also Mixtral / Qwen2-MoE per-expert names), sphero's ".universal_experts."
     expert_params = sum(t.numel for n, t in ckpt.tensors.items() if re.search(r"\.(\w+_)?experts\.", n))
@@ -43,13 +34,6 @@ def inspect_source(ref: str) -> dict[str, Any]:
 
         active += active_expert_params(cfg.get("moe_router"), expert_params, num_experts, top_k or 1)
     layers = int(cfg.get("num_hidden_layers", 0))
-    if not is_moe:
-        moe_layers: list[int] = []
-    elif "moe_layers" in cfg:
-        moe_layers = list(cfg["moe_layers"])
-    else:
-        dense = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = [i for i in range(layers) if i not in dense]
     info = {
         "source": ref,
         "path": str(ckpt.root),
@@ -60,7 +44,7 @@ def inspect_source(ref: str) -> dict[str, Any]:
         "num_layers": layers,
         "hidden_size": cfg.get("hidden_size"),
         "intermediate_size": cfg.get("intermediate_size"),
-        "moe_layers": moe_layers,
+        "moe_layers": moe_layers_of(cfg),
         "num_experts": num_experts,
         "top_k": top_k,
         "expert_width": cfg.get("expert_intermediate_size", cfg.get("moe_intermediate_size")) if is_moe else None,

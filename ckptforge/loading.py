@@ -1,11 +1,11 @@
-"""Load dense and MoE checkpoints as transformers models, and write remote code into outputs.
+"""Load dense and MoE checkpoints as transformers models (remote code is written by :mod:`ckptforge.remote_code`).
 
     >>> model = load_model("out/tiny-vit-moe")        # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import re
+import importlib
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -18,12 +18,6 @@ from ckptforge.errors import SourceError
 
 if TYPE_CHECKING:
     import transformers
-
-# Writing remote code needs only these paths: a conversion to a stock format (Mixtral, Qwen2-MoE)
-# never imports transformers or ckptforge.modeling, which keeps its start-up short.
-_MODELING_DIR = Path(__file__).resolve().parent / "modeling"
-_MOE_DIR = _MODELING_DIR.parent / "moe"
-
 
 def _our_classes() -> dict[str, type]:
     from ckptforge import modeling
@@ -49,12 +43,15 @@ def model_class(config: dict[str, Any]) -> type:
 
 
 def config_object(config: dict[str, Any]) -> transformers.PretrainedConfig:
+    """The config object of ``config``: its output format's ckptforge config class, else transformers' own."""
     import transformers
 
-    from ckptforge import modeling
+    from ckptforge.families import format_of
 
-    cls = {c.model_type: c for c in (modeling.ViTMoEConfig, modeling.BertMoEConfig)}.get(config.get("model_type"))
-    if cls is None:
+    fmt = format_of(config)
+    if fmt is not None and fmt.config_class:
+        cls = getattr(importlib.import_module("ckptforge.modeling"), fmt.config_class)
+    else:
         cls = transformers.AutoConfig.for_model(config["model_type"]).__class__
     return cls.from_dict({k: v for k, v in config.items() if k != "model_type"})
 
@@ -91,25 +88,6 @@ def load_model(path: str | Path, config: dict[str, Any] | None = None, dtype: to
         cls = model_class(config)
         model = cls.from_pretrained(str(directory), dtype=dtype)
     return model.eval()
-
-
-def write_remote_code(module: str, out_dir: Path) -> list[str]:
-    """Copy ``modeling/<module>.py`` as ``modeling_<module>.py`` into ``out_dir`` with every file it
-    imports from ckptforge (``common.py``, the ``moe`` layers), imports rewritten to be flat."""
-    written: list[str] = []
-    pending = [(_MODELING_DIR / f"{module}.py", f"modeling_{module}.py")]
-    while pending:
-        src, dest = pending.pop()
-        if dest in written:
-            continue
-        text = src.read_text()
-        for dots, sub, name in re.findall(r"^from (\.+)(moe\.)?(\w+) import", text, flags=re.M):
-            base = _MOE_DIR if sub or src.parent == _MOE_DIR else _MODELING_DIR
-            pending.append((base / f"{name}.py", f"{name}.py"))
-        text = re.sub(r"^from \.\.moe\.(\w+) import", r"from .\1 import", text, flags=re.M)
-        (out_dir / dest).write_text(text)
-        written.append(dest)
-    return sorted(written)
 
 
 def copy_files(files: list[Path], out_dir: Path) -> list[str]:

@@ -162,29 +162,16 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
             f"the tensors do not look like a {family.name} checkpoint (no "
             f"{' or '.join(p + family.anchor for p in family.base_prefixes)}); check the source"
         )
-    strategy = STRATEGIES.get(options.strategy)
-    expert_width = dims.intermediate_size
-    if strategy is None:
-        problems.append(f"unknown strategy {options.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    else:
-        problems += strategy.validate(options.strategy_params, dims.intermediate_size,
-                                      options.num_experts, options.top_k)
-        expert_width = strategy.expert_width(options.strategy_params, dims.intermediate_size, options.num_experts)
+    strategy, expert_width, found = _strategy_check(options, dims)
+    problems += found
     if not has_stats and not options.calibration and needed_stats(options):
         problems.append(missing_calibration_message(options))
     if prefix is not None:
         problems += _missing_ffn(family, prefix, moe_layers, canonical) or weight_problems(
             ckpt, family, prefix, dims, canonical)
     problems += _router_problems(family, options, dims, problems)
-    teacher = None
-    if options.teacher:  # issue 13: cross-size recycling
-        from ckptforge.cross_size import teacher_problems
-        from ckptforge.io.source import open_checkpoint
-
-        teacher_ckpt = open_checkpoint(options.teacher)
-        teacher, found = teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers)
-        teacher_ckpt.close()
-        problems += found
+    teacher, found = _teacher_check(options, family, dims, expert_width, moe_layers)
+    problems += found
     if problems:
         raise PlanError(problems)
 
@@ -203,13 +190,43 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
                 out_config, tensors, _shard(tensors, options.shard_size), dropped,
                 teacher=teacher.to_dict() if teacher else None)
     if out is not None:
-        plan.free_bytes = _free_bytes(out)
-        if plan.free_bytes < plan.bytes_to_write:
-            raise DiskSpaceError(
-                f"not enough free disk at {out.parent}: the output needs {plan.bytes_to_write / 1e9:.2f} GB, "
-                f"{plan.free_bytes / 1e9:.2f} GB free; free space or choose another --out"
-            )
+        _check_free_disk(plan, out)
     return plan
+
+
+def _strategy_check(options: UpcycleOptions, dims: Dims) -> tuple[Any, int, list[str]]:
+    """(the strategy or None, the expert width it gives, the problems with its parameters)."""
+    strategy = STRATEGIES.get(options.strategy)
+    if strategy is None:
+        return None, dims.intermediate_size, [
+            f"unknown strategy {options.strategy!r}; choose one of: {', '.join(STRATEGIES)}"]
+    problems = strategy.validate(options.strategy_params, dims.intermediate_size, options.num_experts, options.top_k)
+    return strategy, strategy.expert_width(options.strategy_params, dims.intermediate_size, options.num_experts), problems
+
+
+def _teacher_check(options: UpcycleOptions, family: Family, dims: Dims, expert_width: int,
+                   moe_layers: list[int]) -> tuple[Any, list[str]]:
+    """Cross-size recycling (issue 13): the teacher's record and its problems; (None, []) without one."""
+    if not options.teacher:
+        return None, []
+    from ckptforge.cross_size import teacher_problems
+    from ckptforge.io.source import open_checkpoint
+
+    teacher_ckpt = open_checkpoint(options.teacher)
+    try:
+        return teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers)
+    finally:
+        teacher_ckpt.close()
+
+
+def _check_free_disk(plan: Plan, out: Path) -> None:
+    """Record the free disk at ``out`` in the plan; :class:`DiskSpaceError` when the output does not fit."""
+    plan.free_bytes = _free_bytes(out)
+    if plan.free_bytes < plan.bytes_to_write:
+        raise DiskSpaceError(
+            f"not enough free disk at {out.parent}: the output needs {plan.bytes_to_write / 1e9:.2f} GB, "
+            f"{plan.free_bytes / 1e9:.2f} GB free; free space or choose another --out"
+        )
 
 
 def _resolved(options: UpcycleOptions, has_stats: bool) -> UpcycleOptions:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ckptforge.errors import SourceError, UsageError
+from ckptforge.families.formats import modality_of
 from ckptforge.io.inputs import IMAGE_SUFFIXES, is_image_file, load_image_processor, load_tokenizer, read_utf8
 from ckptforge.io.paths import check_output_file
 from ckptforge.loading import load_model
@@ -87,7 +88,7 @@ def route_input(model_dir: str | Path, input_path: str | Path) -> RoutesReport:
 
 
 def _inputs(model_dir: Path, config: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str], int | None, str]:
-    if config.model_type == "vit_moe":
+    if modality_of(config.to_dict()) == "image":
         if not is_image_file(path):
             raise UsageError(f"'{path}' is not an image ({', '.join(IMAGE_SUFFIXES)}); a ViT-MoE model routes image patches")
         images = load_image_processor(model_dir, config.to_dict())

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from ckptforge.errors import SourceError, VerificationFailed
+from ckptforge.families.formats import dummy_inputs, moe_layers_of
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.loading import load_model
+from ckptforge.moe import exact_routing
 
 @dataclass
 class Error:
@@ -99,7 +101,7 @@ def verify_model(
     final_key = "logits" if getattr(d_out, "logits", None) is not None else "last_hidden_state"
     final = _error(getattr(d_out, final_key), getattr(m_out, final_key))
     return VerifyReport(str(moe_dir), dense_ckpt.source, tol, layers, final, description,
-                        _exact(options) and _exact_router(moe_config.get("moe_router")))
+                        _exact(options) and exact_routing(moe_config.get("moe_router")))
 
 
 def check_recorded_hashes(moe_dir: Path) -> dict[str, Any]:
@@ -128,31 +130,10 @@ def _exact(options: dict[str, Any]) -> bool:
     return strategy is not None and strategy.exact(options.get("strategy_params") or {})
 
 
-def _exact_router(router: dict[str, Any] | None) -> bool:
-    """Only renormalised top-k without a capacity limit keeps copy-all experts exactly dense (issue 4)."""
-    router = router or {"type": "topk", "normalize": True}
-    return router.get("type", "topk") == "topk" and router.get("normalize", True) and not router.get("capacity_factor")
-
-
-def make_inputs(config: dict[str, Any], batch_size: int, seq_len: int, seed: int) -> tuple[dict[str, torch.Tensor], str]:
-    """Seeded inputs of the model's modality: images for ViT, token ids for text models."""
-    g = torch.Generator().manual_seed(seed)
-    if config.get("model_type", "").startswith("vit"):
-        size = config.get("image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        shape = (batch_size, config.get("num_channels", 3), size, size)
-        return {"pixel_values": torch.randn(shape, generator=g)}, f"{batch_size} random images {tuple(shape[1:])}"
-    vocab = int(config.get("vocab_size", 1000))
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids}, f"{batch_size}×{seq_len} random token ids"
-
-
-def _moe_layers(config: dict[str, Any]) -> list[int]:
-    if "moe_layers" in config:
-        return list(config["moe_layers"])
-    n = int(config["num_hidden_layers"])
-    dense = set(config.get("mlp_only_layers") or [])
-    return [i for i in range(n) if i not in dense]
+#: Seeded inputs of the model's modality, and the MoE layers of a config (the output-format registry's
+#: answers; these names stay for ``ckptforge.multisource.verify``).
+make_inputs = dummy_inputs
+_moe_layers = moe_layers_of
 
 
 def _error(reference: torch.Tensor, candidate: torch.Tensor) -> Error:

@@ -54,6 +54,7 @@ def test_upcycle_with_every_router_loads_without_ckptforge(tiny, tmp_path):
         assert main(["upcycle", str(dense), "--out", str(tmp_path / kind), "--experts", "4", "--router", kind,
                      *ROUTER_FLAGS[kind], "--quiet"]) == 0
         assert json.loads((tmp_path / kind / "config.json").read_text())["moe_router"]["type"] == kind
+        assert sorted(p.name for p in (tmp_path / kind).glob("*.py")) == ["configuration_vit_moe.py", "modeling_vit_moe.py"]
     script = f"""
 import sys, torch
 sys.modules['ckptforge'] = None

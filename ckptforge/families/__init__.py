@@ -1,7 +1,10 @@
-"""Family registry: one adapter per dense architecture family, detected from ``config.json``.
+"""Family registry: one adapter per dense architecture family, detected from ``config.json``, and
+the output-format registry: every MoE format a family writes, keyed by its output ``model_type``.
 
     >>> detect_family({"model_type": "vit"}).name
     'vit'
+    >>> format_of({"model_type": "mixtral"}).family, format_of({"model_type": "vit"}) is None
+    ('llama', True)
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ from .qwen3 import Qwen3Family
 from .vit import ViTFamily
 
 FAMILIES: dict[str, Family] = {}
+#: Output ``model_type`` → its format: the only place a model type name is looked up outside ``families/``.
+OUTPUT_FORMATS: dict[str, OutputFormat] = {}
 
 
 def register_family(family: Family) -> Family:
-    """Add a family to the registry; a second family with the same name raises."""
+    """Add a family and the output formats it writes; a second family or format with the same name raises."""
     if family.name in FAMILIES:
         raise ValueError(f"family {family.name!r} is already registered")
+    formats = family.output_formats()
+    for fmt in formats:
+        if fmt.name in OUTPUT_FORMATS:
+            raise ValueError(f"output format {fmt.name!r} is already registered")
+        if fmt.family != family.name:
+            raise ValueError(f"output format {fmt.name!r} says family {fmt.family!r}, not {family.name!r}")
     FAMILIES[family.name] = family
+    OUTPUT_FORMATS.update({fmt.name: fmt for fmt in formats})
     return family
 
 
@@ -46,4 +58,10 @@ def detect_family(config: dict[str, Any]) -> Family:
     )
 
 
-__all__ = ["FAMILIES", "Dims", "Family", "MoELayout", "OutputFormat", "detect_family", "register_family"]
+def format_of(config: dict[str, Any]) -> OutputFormat | None:
+    """The registered output format of ``config['model_type']``; None for a dense or unknown model."""
+    return OUTPUT_FORMATS.get(config.get("model_type"))
+
+
+__all__ = ["FAMILIES", "OUTPUT_FORMATS", "Dims", "Family", "MoELayout", "OutputFormat", "detect_family", "format_of",
+           "register_family"]

@@ -77,9 +77,23 @@ def stock_router_config(layout: MoELayout) -> dict[str, Any]:
     return {"router_aux_loss_coef": settings.aux_loss_weight} if hasattr(settings, "aux_loss_weight") else {}
 
 
+def listed_moe_layers(config: dict[str, Any]) -> list[int]:
+    """MoE layers of a ckptforge output: listed in ``moe_layers``."""
+    return list(config.get("moe_layers") or [])
+
+
+def sparse_step_moe_layers(config: dict[str, Any]) -> list[int]:
+    """MoE layers of a Qwen-MoE / Mixtral config, by transformers' rule: every layer not in
+    ``mlp_only_layers`` whose index + 1 is a multiple of ``decoder_sparse_step`` (default 1: all)."""
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    return [i for i in range(int(config.get("num_hidden_layers", 0))) if i not in dense and (i + 1) % step == 0]
+
+
 @dataclass(frozen=True)
 class OutputFormat:
-    """An MoE checkpoint layout. Templates are full tensor names with ``{layer}`` / ``{expert}``.
+    """An MoE checkpoint layout, registered by its output ``model_type`` (``name``; see
+    :data:`ckptforge.families.OUTPUT_FORMATS`). Templates are full tensor names with ``{layer}`` / ``{expert}``.
 
     ``experts`` maps each expert tensor template to its role (gate, up, up_bias, down, down_bias).
     When ``packed`` the templates have no ``{expert}`` and hold all experts stacked on axis 0.
@@ -96,6 +110,24 @@ class OutputFormat:
     #: Prefix template (``{layer}``) of the MoE block's tensors when the block is ckptforge's own
     #: runtime layer; its router type then decides the tensors (``ckptforge.moe.moe_tensor_layout``).
     moe_module: str | None = None
+    #: The dense family the format is written from (whose ``modality`` its inputs have).
+    family: str = ""
+    #: Output architecture → the Hub pipeline tag of that head.
+    pipelines: dict[str, str] = field(default_factory=dict)
+    #: Config class name in ``ckptforge.modeling`` (ckptforge's own formats); None: transformers' own.
+    config_class: str | None = None
+    #: Auto class → model class name, for the ``auto_map`` of ckptforge's own formats.
+    auto_classes: dict[str, str] = field(default_factory=dict)
+    #: Which layers of a config of this format are MoE.
+    moe_layer_rule: Any = sparse_step_moe_layers
+
+    def moe_layers(self, config: dict[str, Any]) -> list[int]:
+        """The MoE layers of ``config`` (a config.json of this format).
+
+            >>> OutputFormat("x", "", {}, False).moe_layers({"num_hidden_layers": 3, "mlp_only_layers": [0]})
+            [1, 2]
+        """
+        return self.moe_layer_rule(config)
 
     def expert_names(self, layer: int, num_experts: int) -> list[tuple[str, str, int | None]]:
         """(name, role, expert or None when packed) for every expert tensor of ``layer``."""
@@ -173,6 +205,10 @@ class Family:
     def extra_config(self, config: dict[str, Any], prefix: str, names: set[str]) -> dict[str, Any]:
         """Output config keys that depend on which tensors the source has."""
         return {}
+
+    def output_formats(self) -> tuple[OutputFormat, ...]:
+        """Every output format this family writes (registered by model type in ``OUTPUT_FORMATS``)."""
+        return tuple(self.offered_formats.values())
 
     def output_format(self, config: dict[str, Any], moe_layers: list[int]) -> OutputFormat:
         raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .encoder import EncoderFamily
+from .encoder import EncoderFamily, encoder_format
 
 
 class BertFamily(EncoderFamily):
@@ -16,8 +16,13 @@ class BertFamily(EncoderFamily):
     renames = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
     base_prefixes = ("bert.", "")
     anchor = "embeddings.word_embeddings.weight"
-    moe_model_type = "bert_moe"
-    config_class = "BertMoEConfig"
+    format = encoder_format(
+        "bert_moe", "bert", config_class="BertMoEConfig",
+        auto_classes={"AutoModel": "BertMoEModel", "AutoModelForSequenceClassification": "BertMoEForSequenceClassification",
+                      "AutoModelForMaskedLM": "BertMoEForMaskedLM"},
+        pipelines={"BertMoEForSequenceClassification": "text-classification", "BertMoEModel": "feature-extraction",
+                   "BertMoEForMaskedLM": "fill-mask"},
+    )
     architectures = {
         "BertForSequenceClassification": ("BertMoEForSequenceClassification", "bert."),
         "BertForMaskedLM": ("BertMoEForMaskedLM", "bert."),
@@ -25,11 +30,6 @@ class BertFamily(EncoderFamily):
         "BertModel": ("BertMoEModel", ""),
     }
     fallback = ("BertMoEModel", "")
-    auto_classes = {
-        "AutoModel": "BertMoEModel",
-        "AutoModelForSequenceClassification": "BertMoEForSequenceClassification",
-        "AutoModelForMaskedLM": "BertMoEForMaskedLM",
-    }
 
     def check(self, config: dict[str, Any]) -> list[str]:
         problems = []

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ckptforge.moe.settings import ROUTER_SETTINGS
 
-from .base import Family, MoELayout, OutputFormat
+from .base import Family, MoELayout, OutputFormat, listed_moe_layers
 
 #: FFN of layer {layer} in HF ViT and BERT checkpoints (relative to the base prefix).
 ENCODER_FFN = {
@@ -20,20 +21,35 @@ ENCODER_FFN = {
 PACKED_EXPERTS = {"w1": "up", "b1": "up_bias", "w2": "down", "b2": "down_bias"}
 
 
+def _templates(prefix: str) -> dict[str, Any]:
+    """Router, expert and MoE-block name templates of a packed ckptforge MoE block under ``prefix``."""
+    layer = prefix + "encoder.layer.{layer}.moe."
+    return {"router": layer + "router.weight", "moe_module": layer,
+            "experts": {layer + "experts." + k: role for k, role in PACKED_EXPERTS.items()}}
+
+
+def encoder_format(name: str, family: str, *, config_class: str, auto_classes: dict[str, str],
+                   pipelines: dict[str, str]) -> OutputFormat:
+    """A ckptforge-modeling output format (``vit_moe``, ``bert_moe``), tensor names without a base prefix."""
+    return OutputFormat(name=name, packed=True, remote_module=name, family=family, pipelines=pipelines,
+                        config_class=config_class, auto_classes=auto_classes, moe_layer_rule=listed_moe_layers,
+                        **_templates(""))
+
+
 class EncoderFamily(Family):
     """A family whose MoE output is ``<name>_moe``, written by ckptforge's own modeling file."""
 
     ffn = ENCODER_FFN
-    #: Output model type, its modeling module in ckptforge.modeling, and its config class name.
-    moe_model_type: str = ""
-    config_class: str = ""
+    #: The output format (registered by its model type; tensor names without a base prefix).
+    format: OutputFormat
     #: Source architecture → (output class, base prefix of its tensor names).
     architectures: dict[str, tuple[str, str]] = {}
     #: Output when the source architecture is not listed (heads are not carried).
     fallback: tuple[str, str] = ("", "")
-    #: Auto class → output class name, for ``auto_map``.
-    auto_classes: dict[str, str] = {}
     routers = tuple(ROUTER_SETTINGS)
+
+    def output_formats(self) -> tuple[OutputFormat, ...]:
+        return (self.format,)
 
     def output_architecture(self, config: dict[str, Any]) -> tuple[str, str]:
         archs = config.get("architectures") or []
@@ -49,25 +65,16 @@ class EncoderFamily(Family):
         return {"use_pooler": f"{prefix}pooler.dense.weight" in names}
 
     def output_format(self, config: dict[str, Any], moe_layers: list[int]) -> OutputFormat:
-        layer = self.output_prefix(config) + "encoder.layer.{layer}.moe."
-        return OutputFormat(
-            name=self.moe_model_type,
-            router=layer + "router.weight",
-            experts={layer + "experts." + k: role for k, role in PACKED_EXPERTS.items()},
-            packed=True,
-            remote_module=self.moe_model_type,
-            moe_module=layer,
-        )
+        return replace(self.format, **_templates(self.output_prefix(config)))
 
     def output_config(self, config: dict[str, Any], fmt: OutputFormat, layout: MoELayout) -> dict[str, Any]:
         arch, _ = self.output_architecture(config)
         out = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "_name_or_path")}
-        module = f"modeling_{self.moe_model_type}"
         out.update(
-            model_type=self.moe_model_type,
+            model_type=fmt.name,
             architectures=[arch],
-            auto_map={"AutoConfig": f"{module}.{self.config_class}"}
-            | {auto: f"{module}.{cls}" for auto, cls in self.auto_classes.items()},
+            auto_map={"AutoConfig": f"configuration_{fmt.name}.{fmt.config_class}"}
+            | {auto: f"modeling_{fmt.name}.{cls}" for auto, cls in fmt.auto_classes.items()},
             moe_layers=list(layout.moe_layers),
             num_experts=layout.num_experts,
             num_experts_per_tok=layout.top_k,

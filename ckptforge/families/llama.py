@@ -22,6 +22,8 @@ MIXTRAL = OutputFormat(
         _LAYER + "block_sparse_moe.experts.{expert}.w2.weight": "down",
     },
     packed=False,
+    family="llama",
+    pipelines={"MixtralForCausalLM": "text-generation"},
 )
 
 QWEN2_MOE = OutputFormat(
@@ -39,6 +41,8 @@ QWEN2_MOE = OutputFormat(
         _LAYER + "mlp.shared_expert.down_proj.weight": lambda d: (d, 1),
         _LAYER + "mlp.shared_expert_gate.weight": lambda d: (1, d),
     },
+    family="llama",
+    pipelines={"Qwen2MoeForCausalLM": "text-generation"},
 )
 
 #: Dense config keys both Mixtral and Qwen2-MoE take over unchanged.

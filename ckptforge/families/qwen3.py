@@ -24,6 +24,8 @@ QWEN3_MOE = OutputFormat(
         _LAYER + "mlp.experts.{expert}.down_proj.weight": "down",
     },
     packed=False,
+    family="qwen3",
+    pipelines={"Qwen3MoeForCausalLM": "text-generation"},
 )
 
 #: Why a Qwen3 source is not written as Mixtral or Qwen2-MoE: neither has q/k norms.

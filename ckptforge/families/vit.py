@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .encoder import EncoderFamily
+from .encoder import EncoderFamily, encoder_format
 
 _LAYER = r"(^|\.)layers\.(\d+)\."
 
@@ -23,14 +23,13 @@ class ViTFamily(EncoderFamily):
     )
     base_prefixes = ("vit.", "")
     anchor = "embeddings.cls_token"
-    moe_model_type = "vit_moe"
-    config_class = "ViTMoEConfig"
+    format = encoder_format(
+        "vit_moe", "vit", config_class="ViTMoEConfig",
+        auto_classes={"AutoModel": "ViTMoEModel", "AutoModelForImageClassification": "ViTMoEForImageClassification"},
+        pipelines={"ViTMoEForImageClassification": "image-classification", "ViTMoEModel": "image-feature-extraction"},
+    )
     architectures = {
         "ViTForImageClassification": ("ViTMoEForImageClassification", "vit."),
         "ViTModel": ("ViTMoEModel", ""),
     }
     fallback = ("ViTMoEModel", "")
-    auto_classes = {
-        "AutoModel": "ViTMoEModel",
-        "AutoModelForImageClassification": "ViTMoEForImageClassification",
-    }

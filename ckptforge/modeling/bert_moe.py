@@ -2,8 +2,9 @@
 
 Dense parts keep the parameter names of Hugging Face BERT checkpoints; MoE layers hold
 ``encoder.layer.N.moe.router.weight`` and ``encoder.layer.N.moe.experts.{w1,b1,w2,b2}`` in place of
-``intermediate.dense`` / ``output.dense`` (``output.LayerNorm`` stays). Written into every bert_moe
-output directory as remote code.
+``intermediate.dense`` / ``output.dense`` (``output.LayerNorm`` stays). With the
+ckptforge modules it imports inlined (:mod:`ckptforge.remote_code`), written into every bert_moe
+output directory as ``modeling_bert_moe.py``.
 
     >>> config = BertMoEConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
     ...     num_attention_heads=2, intermediate_size=64, moe_layers=[1], num_experts=4,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BertConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .common import (
@@ -29,28 +30,7 @@ from .common import (
     is_moe_layer,
     total_aux_loss,
 )
-
-
-class BertMoEConfig(BertConfig):
-    """BertConfig plus the MoE layout: which layers are MoE, experts, k, expert width, router."""
-
-    model_type = "bert_moe"
-
-    moe_layers: list[int] | None = None
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    expert_intermediate_size: int | None = None
-    moe_router: dict | None = None
-    moe_output_scale: float = 1.0
-    #: How the experts compute: auto | eager | grouped_mm (issue 15; see moe/experts.py).
-    experts_implementation: str = "auto"
-
-    def __post_init__(self, **kwargs):
-        self.moe_layers = list(self.moe_layers or [])
-        self.moe_router = dict(self.moe_router or {"type": "topk", "normalize": True})
-        if self.expert_intermediate_size is None:
-            self.expert_intermediate_size = self.intermediate_size
-        super().__post_init__(**kwargs)
+from .configuration_bert_moe import BertMoEConfig
 
 
 def _dense_norm(config: BertMoEConfig, d_in: int) -> nn.Module:

@@ -2,8 +2,9 @@
 
 Dense parts keep the parameter names of Hugging Face ViT checkpoints (``encoder.layer.N.attention
 .attention.query`` …), so they are copied across unchanged; MoE layers hold ``encoder.layer.N.moe.
-router.weight`` and ``encoder.layer.N.moe.experts.{w1,b1,w2,b2}``. This file is also written into
-every vit_moe output directory as remote code (``trust_remote_code=True``).
+router.weight`` and ``encoder.layer.N.moe.experts.{w1,b1,w2,b2}``. This file, with the ckptforge
+modules it imports inlined (:mod:`ckptforge.remote_code`), is written into every vit_moe output
+directory as ``modeling_vit_moe.py``, the remote code ``trust_remote_code=True`` loads.
 
     >>> config = ViTMoEConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32,
     ...     num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, moe_layers=[1],
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, ViTConfig
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from .common import (
@@ -29,28 +30,7 @@ from .common import (
     is_moe_layer,
     total_aux_loss,
 )
-
-
-class ViTMoEConfig(ViTConfig):
-    """ViTConfig plus the MoE layout: which layers are MoE, experts, k, expert width, router."""
-
-    model_type = "vit_moe"
-
-    moe_layers: list[int] | None = None
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    expert_intermediate_size: int | None = None
-    moe_router: dict | None = None
-    moe_output_scale: float = 1.0
-    #: How the experts compute: auto | eager | grouped_mm (issue 15; see moe/experts.py).
-    experts_implementation: str = "auto"
-
-    def __post_init__(self, **kwargs):
-        self.moe_layers = list(self.moe_layers or [])
-        self.moe_router = dict(self.moe_router or {"type": "topk", "normalize": True})
-        if self.expert_intermediate_size is None:
-            self.expert_intermediate_size = self.intermediate_size
-        super().__post_init__(**kwargs)
+from .configuration_vit_moe import ViTMoEConfig
 
 
 class ViTMoEEmbeddings(nn.Module):

@@ -1,8 +1,8 @@
 """Runtime MoE layers: routers, stacked experts and the MoE feed-forward blocks.
 
 This package knows nothing of conversion. Its modules import only torch and transformers, and use
-relative imports among themselves, because they are copied next to ``modeling_*.py`` files as
-remote code. The names below load on first use, so ``ckptforge.moe.settings`` (standard library
+relative imports among themselves, because they are inlined into the ``modeling_*.py`` files of
+outputs as remote code (:mod:`ckptforge.remote_code`). The names below load on first use, so ``ckptforge.moe.settings`` (standard library
 only) can be read without importing torch.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 _PUBLIC = {
     "StackedExperts": "experts",
     "ROUTER_TYPES": "layer", "MoEFeedForward": "layer", "active_expert_params": "layer",
-    "build_moe_layer": "layer", "moe_tensor_layout": "layer",
+    "build_moe_layer": "layer", "exact_routing": "layer", "moe_tensor_layout": "layer",
     "MultiHeadMoEFeedForward": "multihead",
     "ExpertChoiceRouter": "routers", "Routing": "routers", "TopKRouter": "routers",
     "SlotRouter": "soft", "SoftMoEFeedForward": "soft", "entmax15": "soft",

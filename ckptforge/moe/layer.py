@@ -107,13 +107,15 @@ def universal_width(router: dict[str, Any] | SpheroSettings, expert_width: int) 
 class RouterType:
     """One registry entry: the settings class, the block builder
     ``build(hidden, expert_width, experts, top_k, activation, settings, output_scale)``, the share of
-    expert parameters one token's output depends on ``active_share(settings, E, k)``, and the
-    tensor layout ``layout(settings, hidden, E, expert_width)``."""
+    expert parameters one token's output depends on ``active_share(settings, E, k)``, the
+    tensor layout ``layout(settings, hidden, E, expert_width)``, and whether copy-all experts
+    behind this router compute the dense function exactly, ``exact(settings)``."""
 
     settings: type[RouterSettings]
     build: Callable[..., nn.Module]
     active_share: Callable[[Any, int, int], float]
     layout: Callable[..., "MoETensorLayout"]
+    exact: Callable[[Any], bool] = lambda settings: False
 
 
 def _plain_layout(router: RouterSettings, d: int, e: int, s: int) -> "MoETensorLayout":
@@ -139,11 +141,17 @@ def _multihead_layout(router: MultiHeadSettings, d: int, e: int, s: int) -> "MoE
     return MoETensorLayout((e, d // h), [ExpertGroup("experts", e, s, d // h, channel_blocks=h)], extras)
 
 
+def _exact_topk(router: TopKSettings) -> bool:
+    """Renormalised weights of identical experts sum to 1, and no token is dropped without a capacity."""
+    return bool(router.normalize) and router.capacity_factor is None
+
+
 #: Router type → its registry entry. Active share: k of E experts (top-k); on average C of E
 #: (expert choice, capacity factor C); up to h·k of E (MH-MoE: h sub-tokens, k experts each); all
 #: (soft / sphero: every slot's expert reaches every token through the combine weights).
+#: Exact: only renormalised top-k without a capacity limit keeps copy-all experts dense (issue 4).
 ROUTERS: dict[str, RouterType] = {
-    "topk": RouterType(TopKSettings, _token_choice, lambda r, e, k: k / e, _plain_layout),
+    "topk": RouterType(TopKSettings, _token_choice, lambda r, e, k: k / e, _plain_layout, _exact_topk),
     "expert-choice": RouterType(ExpertChoiceSettings, _token_choice,
                                 lambda r, e, k: min(1.0, r.capacity_factor / e), _plain_layout),
     "soft": RouterType(SoftSettings, _soft, lambda r, e, k: 1.0, _slot_layout),
@@ -164,6 +172,17 @@ def active_expert_params(router: dict[str, Any] | None, expert_params: int, num_
     return round(expert_params * ROUTERS[settings.kind].active_share(settings, num_experts, top_k))
 
 
+def exact_routing(router: dict[str, Any] | None) -> bool:
+    """Whether copy-all experts behind ``router`` (a stored ``moe_router``; None: top-k defaults)
+    compute the dense function exactly (see :data:`ROUTERS`).
+
+        >>> exact_routing(None), exact_routing({"type": "topk", "capacity_factor": 1.5}), exact_routing({"type": "soft"})
+        (True, False, False)
+    """
+    settings = router_settings(router)
+    return ROUTERS[settings.kind].exact(settings)
+
+
 def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k: int, activation: str,
                     router: dict[str, Any] | None = None, output_scale: float = 1.0,
                     experts_implementation: str = "auto") -> nn.Module:
@@ -177,6 +196,9 @@ def build_moe_layer(hidden_size: int, expert_width: int, num_experts: int, top_k
     if kind not in ROUTERS:
         raise ValueError(f"router type {kind!r} is not available; use one of {', '.join(ROUTERS)}")
     settings = router_settings(router)
+    problems = settings.value_problems(hidden_size)
+    if problems:  # the settings are the one check of a router's values, whether planned or loaded
+        raise ValueError("; ".join(problems))
     layer = ROUTERS[settings.kind].build(hidden_size, expert_width, num_experts, top_k, activation, settings, output_scale)
     set_experts_implementation(layer, experts_implementation)
     return layer

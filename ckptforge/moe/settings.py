@@ -41,9 +41,13 @@ class RouterSettings:
     given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def problems(self, hidden_size: int | None = None) -> list[str]:
-        """Every problem with these values, each naming its flag and the fix."""
+        """Every problem with these settings (keys of another router, bad values), each naming its flag and the fix."""
         out = [_not_here(self.kind, name) for name in sorted(self.given) if name not in _names(type(self))]
-        return out + check_fields(self, flag_of)
+        return out + self.value_problems(hidden_size)
+
+    def value_problems(self, hidden_size: int | None = None) -> list[str]:
+        """Every value out of its range or choices (what a block refuses to be built with)."""
+        return check_fields(self, flag_of)
 
 
 def check_fields(settings: Any, flag: Callable[[str], str]) -> list[str]:
@@ -119,8 +123,8 @@ class MultiHeadSettings(TopKSettings):
     kind: ClassVar[str] = "mh"
     heads: int = setting(4, "sub-tokens per token (must divide the hidden size)", "positive")
 
-    def problems(self, hidden_size: int | None = None) -> list[str]:
-        out = super().problems(hidden_size)
+    def value_problems(self, hidden_size: int | None = None) -> list[str]:
+        out = super().value_problems(hidden_size)
         if hidden_size is not None and self.heads > 0 and hidden_size % self.heads:
             out.append(f"--heads {self.heads} does not divide hidden size {hidden_size}; use a divisor of {hidden_size}")
         return out

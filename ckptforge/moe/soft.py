@@ -36,6 +36,10 @@ def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.clamp(x - tau_star, min=0).pow(2).transpose(dim, -1)
 
 
+#: ``SoftSettings.combine`` → the normalisation over slots (the settings check the name).
+COMBINES = {"softmax": lambda logits: torch.softmax(logits, dim=-1), "entmax15": entmax15}
+
+
 class SlotRouter(nn.Module):
     """Cosine slot routing with learnable temperatures; returns dispatch (B, T, n) and combine (B, T, n).
 
@@ -47,8 +51,6 @@ class SlotRouter(nn.Module):
     def __init__(self, hidden_size: int, num_slots: int, temperature: float = SoftSettings.temperature,
                  combine: str = SoftSettings.combine):
         super().__init__()
-        if combine not in ("softmax", "entmax15"):
-            raise ValueError(f"combine {combine!r} is not available; use 'softmax' or 'entmax15'")
         self.slots = nn.Parameter(torch.empty(num_slots, hidden_size))
         self.norm = nn.LayerNorm(hidden_size)
         self.dispatch_temperature = nn.Parameter(torch.tensor(float(temperature)))
@@ -74,8 +76,7 @@ class SlotRouter(nn.Module):
             dispatch_logits = dispatch_logits.masked_fill(pad, torch.finfo(dispatch_logits.dtype).min)
         dispatch = torch.softmax(dispatch_logits, dim=1)
         combine_logits = cos / self.combine_temperature.clamp(min=1e-4)
-        combine = entmax15(combine_logits) if self.combine == "entmax15" else torch.softmax(combine_logits, dim=-1)
-        return dispatch, combine
+        return dispatch, COMBINES[self.combine](combine_logits)
 
 
 class SoftMoEFeedForward(nn.Module):
