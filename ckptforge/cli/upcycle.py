@@ -88,7 +88,7 @@ def upcycle(
     **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
-    if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported lazily: --help stays fast)
+    if moe_config is not None or expert_source or shared_expert or _multisource_recipe(recipe):  # issue 14 (lazy: --help stays fast)
         from .multisource import run_multisource
 
         return run_multisource(ctx, locals())
@@ -144,6 +144,15 @@ def upcycle(
         result = run_upcycle(ckpt, out, options, force=force, verify=verify, tol=tol, progress=progress, plan=plan,
                              base_model=base_model)
     _report(result, options, push_to, as_json, quiet, tol)
+
+
+def _multisource_recipe(ref: str | None) -> bool:
+    """Issue 14: a recipe with a ``multisource`` field describes a multi-source MoE."""
+    if ref is None:
+        return False
+    from ckptforge.recipes import load_recipe
+
+    return load_recipe(ref).multisource is not None
 
 
 def _say_data_free(options: UpcycleOptions, plan: Plan) -> None:
