@@ -13,6 +13,7 @@ from typing import Any
 
 from ckptforge.errors import UnsupportedArchitectureError
 from ckptforge.families import detect_family
+from ckptforge.families.base import stock_moe_layers
 from ckptforge.io.source import open_checkpoint
 from ckptforge.moe import active_expert_params
 
@@ -44,11 +45,8 @@ def inspect_source(ref: str) -> dict[str, Any]:
     layers = int(cfg.get("num_hidden_layers", 0))
     if not is_moe:
         moe_layers: list[int] = []
-    elif "moe_layers" in cfg:
-        moe_layers = list(cfg["moe_layers"])
     else:
-        dense = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = [i for i in range(layers) if i not in dense]
+        moe_layers = stock_moe_layers({"num_hidden_layers": layers, **cfg})
     info = {
         "source": ref,
         "path": str(ckpt.root),

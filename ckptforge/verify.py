@@ -148,11 +148,9 @@ def make_inputs(config: dict[str, Any], batch_size: int, seq_len: int, seed: int
 
 
 def _moe_layers(config: dict[str, Any]) -> list[int]:
-    if "moe_layers" in config:
-        return list(config["moe_layers"])
-    n = int(config["num_hidden_layers"])
-    dense = set(config.get("mlp_only_layers") or [])
-    return [i for i in range(n) if i not in dense]
+    from ckptforge.families.base import stock_moe_layers
+
+    return stock_moe_layers(config)
 
 
 def _error(reference: torch.Tensor, candidate: torch.Tensor) -> Error:

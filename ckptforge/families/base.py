@@ -77,6 +77,37 @@ def stock_router_config(layout: MoELayout) -> dict[str, Any]:
     return {"router_aux_loss_coef": settings.aux_loss_weight} if hasattr(settings, "aux_loss_weight") else {}
 
 
+def sparse_layers_config(moe_layers: list[int], num_layers: int) -> dict[str, Any]:
+    """How a stock Qwen-MoE config names its MoE layers: ``decoder_sparse_step`` N when they are
+    exactly every N-th layer (``--layers every-N``: layers N-1, 2N-1, …, transformers' own rule),
+    else step 1 with the dense layers listed in ``mlp_only_layers``.
+
+        >>> sparse_layers_config([1, 3], 4)
+        {'decoder_sparse_step': 2, 'mlp_only_layers': []}
+        >>> sparse_layers_config([0, 3], 4)
+        {'decoder_sparse_step': 1, 'mlp_only_layers': [1, 2]}
+    """
+    layers = sorted(moe_layers)
+    for step in range(1, num_layers + 1):
+        if layers == list(range(step - 1, num_layers, step)):
+            return {"decoder_sparse_step": step, "mlp_only_layers": []}
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(num_layers) if i not in set(layers)]}
+
+
+def stock_moe_layers(config: dict[str, Any]) -> list[int]:
+    """The MoE layers a stock MoE config declares: ``moe_layers`` when stored, else transformers'
+    Qwen-MoE rule (not in ``mlp_only_layers`` and (i + 1) divisible by ``decoder_sparse_step``).
+
+        >>> stock_moe_layers({"num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
+        [1]
+    """
+    if "moe_layers" in config:
+        return list(config["moe_layers"])
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    return [i for i in range(int(config["num_hidden_layers"])) if i not in dense and (i + 1) % step == 0]
+
+
 @dataclass(frozen=True)
 class OutputFormat:
     """An MoE checkpoint layout. Templates are full tensor names with ``{layer}`` / ``{expert}``.
