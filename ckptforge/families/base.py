@@ -145,6 +145,9 @@ class Family:
     name: str = ""
     model_types: tuple[str, ...] = ()
     modality: str = "text"
+    #: Decoder-only LLMs that ckptforge.multisource.runner can run one layer at a time (calibration of a
+    #: model larger than RAM, prompt gates).
+    layer_runner: bool = False
     #: FFN role → tensor name template relative to the base prefix, with ``{layer}``.
     ffn: dict[str, str] = {}
     #: Regex renames from transformers-5 in-memory names to the canonical (on-disk) names.

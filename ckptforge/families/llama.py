@@ -62,6 +62,7 @@ class LlamaFamily(Family):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
     modality = "text"
+    layer_runner = True
     ffn = {
         "gate": "layers.{layer}.mlp.gate_proj.weight",
         "up": "layers.{layer}.mlp.up_proj.weight",

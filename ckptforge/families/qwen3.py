@@ -36,6 +36,7 @@ class Qwen3Family(Family):
     name = "qwen3"
     model_types = ("qwen3",)
     modality = "text"
+    layer_runner = True
     ffn = {
         "gate": "layers.{layer}.mlp.gate_proj.weight",
         "up": "layers.{layer}.mlp.up_proj.weight",

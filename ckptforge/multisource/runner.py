@@ -146,7 +146,7 @@ def collect_stats_layerwise(ckpt: DenseCheckpoint, data, layers: list[int], *, t
         up, down = (module.get_submodule(rel[r].format(layer=layer).removeprefix(prefix)) for r in ("up", "down"))
         handles = [down.register_forward_pre_hook(
             lambda m, args: result[layer].update(rows(args[0]), current.pop("inputs", None)))]
-        if "centroids" in needs:
+        if needs & {"centroids", "channels"}:
             handles.append(up.register_forward_pre_hook(lambda m, args: current.__setitem__("inputs", rows(args[0]))))
         return handles
 
