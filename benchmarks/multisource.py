@@ -9,8 +9,9 @@ peak RSS). Then it checks that the expert tensors of both outputs are byte-ident
 packed ``mlp.experts.gate_up_proj`` / ``down_proj`` layout, if it writes that, is split into
 ckptforge's per-expert names first) and, for ``hidden``, the cosine of each pair of router rows.
 
-``--memory-cap MIB`` runs ckptforge's ``hidden`` conversion under ``ulimit -v`` (address space, a
-stricter bound than RSS) to show the layer-by-layer runner gates a base larger than the cap.
+``--memory-cap MIB`` runs ckptforge's ``hidden`` conversion again under a cgroup v1 memory limit
+(page cache included; as root) or else ``ulimit -v``, with the models' page cache dropped first, to
+show the layer-by-layer runner gates a base larger than the cap (e.g. 1050 for half the 2.05 GiB base).
 
     python benchmarks/multisource.py --size tinyllama --workdir .bench-ms --mergekit /work/venvs/mk/bin/mergekit-moe
     python benchmarks/multisource.py --size tiny --workdir /tmp/ms          # smoke run
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -142,11 +144,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         row["ckptforge"] = timed([sys.executable, "-m", "ckptforge", "upcycle", "--config", str(cfg), "--out", str(ours), "-q"])
         row["out_bytes"] = dir_bytes(ours)
         if args.memory_cap and mode == "hidden":
-            capped = work / "ours-capped"
-            shutil.rmtree(capped, ignore_errors=True)
-            cmd = f"ulimit -v {args.memory_cap * 1024}; exec {sys.executable} -m ckptforge upcycle --config {cfg} --out {capped} -q"
-            row["ckptforge_capped"] = {"cap_mib": args.memory_cap, **timed(["bash", "-c", cmd])}
-            shutil.rmtree(capped)
+            row["ckptforge_capped"] = capped_run(work, cfg, [base, *sources], args.memory_cap)
         if args.mergekit:
             theirs = work / f"mergekit-{mode}"
             shutil.rmtree(theirs, ignore_errors=True)
@@ -161,12 +159,46 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+CGROUP = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller
+
+
+def capped_run(work: Path, cfg: Path, models: list[Path], cap_mib: int) -> dict:
+    """The conversion under a memory cap: a cgroup v1 memory limit (page cache included) when this
+    process may create one (root), else ``ulimit -v`` (address space). The models' page cache is
+    dropped first, so that the capped run is charged for reading them."""
+    capped = work / "ours-capped"
+    shutil.rmtree(capped, ignore_errors=True)
+    for m in models:
+        for f in m.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    convert = f"exec {sys.executable} -m ckptforge upcycle --config {cfg} --out {capped} -q"
+    group = CGROUP / f"ckptforge-bench-{os.getpid()}"
+    if os.access(CGROUP, os.W_OK):
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(cap_mib << 20))
+        cmd, how = f"echo $$ > {group}/cgroup.procs; {convert}", "cgroup"
+    else:
+        cmd, how = f"ulimit -v {cap_mib * 1024}; {convert}", "ulimit -v"
+    try:
+        result = {"cap_mib": cap_mib, "cap": how, **timed(["bash", "-c", cmd]), "ok": True}
+    except RuntimeError as exc:  # killed by the cap
+        result = {"cap_mib": cap_mib, "cap": how, "ok": False, "error": str(exc)[-300:]}
+    if how == "cgroup":
+        result["cgroup_max_usage_mib"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
+        group.rmdir()
+    shutil.rmtree(capped, ignore_errors=True)
+    return result
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| size | gate | ckptforge s | RSS MiB | capped run | mergekit s | RSS MiB | speed-up | experts identical "
              "| router cos min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours, mk, cap = r["ckptforge"], r.get("mergekit"), r.get("ckptforge_capped")
-        capped = "{:.1f} s under {} MiB".format(cap["seconds"], cap["cap_mib"]) if cap else "—"
+        capped = "—" if not cap else ("ok under {} MiB ({}), peak RSS {:.0f} MiB".format(
+            cap["cap_mib"], cap["cap"], cap["peak_rss_mib"]) if cap["ok"] else "killed under {} MiB".format(cap["cap_mib"]))
         mk_s = "{:.1f}".format(mk["seconds"]) if mk else "—"
         mk_rss = "{:.0f}".format(mk["peak_rss_mib"]) if mk else "—"
         speed = "{:.2f}×".format(mk["seconds"] / ours["seconds"]) if mk else "—"

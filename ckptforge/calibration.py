@@ -349,7 +349,10 @@ def statistics_for(ckpt: DenseCheckpoint, options: Any, moe_layers: list[int], m
     if options.stats_cache and (cached := load_stats(options.stats_cache, key)) is not None:
         cached.calibration["cache"] = "hit"
         return cached
-    stats = collect_stats(ckpt, data, moe_layers, threshold=threshold, needs=needs)
+    from ckptforge.calibration_runner import collect  # the whole model, or layer by layer when it would not fit
+    from ckptforge.families import detect_family
+
+    stats = collect(ckpt, detect_family(ckpt.config), data, moe_layers, threshold=threshold, needs=needs)
     stats.key = key
     if options.stats_cache:
         stats.save(options.stats_cache)

@@ -27,6 +27,8 @@ from ckptforge.errors import UsageError
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 _REQUIRED = {"name": str, "method": str, "paper": str, "summary": str, "family": str, "options": dict}
+#: Optional fields: ``multisource`` (issue 14) makes the recipe a multi-source MoE (mergekit-moe's schema).
+_OPTIONAL = {"multisource": dict}
 #: Options a recipe may not set: they describe the machine, not the method.
 _NOT_IN_RECIPES = {"shard_size", "dtype", "recipe", "calibration", "stats_cache"}
 
@@ -52,6 +54,7 @@ class Recipe:
     options: dict[str, Any]
     path: Path
     sha256: str
+    multisource: dict[str, Any] | None = None  # issue 14: see ckptforge.multisource.recipe
 
     def missing_components(self) -> list[str]:
         """Strategies / routers this recipe needs that this installation does not register.
@@ -108,7 +111,7 @@ def load_recipe(ref: str | Path) -> Recipe:
     return Recipe(
         name=data["name"], method=data["method"], paper=data["paper"], summary=data["summary"],
         family=data["family"], options=dict(data["options"]), path=path,
-        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        sha256=hashlib.sha256(text.encode()).hexdigest(), multisource=data.get("multisource"),
     )
 
 
@@ -137,11 +140,15 @@ def validate_recipe(data: Any) -> list[str]:
             problems.append(f"{key}: missing ({_kind_name(kind)})")
         elif not isinstance(data[key], kind):
             problems.append(f"{key}: must be {_kind_name(kind)}, not {type(data[key]).__name__}")
-    known = set(_REQUIRED)
+    known = set(_REQUIRED) | set(_OPTIONAL)
     problems += [f"{key}: unknown field; allowed: {', '.join(sorted(known))}" for key in data if key not in known]
     if isinstance(data.get("family"), str):
         problems += _family_problems(data["family"])
-    if isinstance(data.get("options"), dict):
+    if "multisource" in data:  # issue 14: the options a multi-source run reads, and its spec
+        from ckptforge.multisource.recipe import recipe_problems
+
+        problems += recipe_problems(data["multisource"], data["options"] if isinstance(data.get("options"), dict) else {})
+    elif isinstance(data.get("options"), dict):
         problems += _option_problems(data["options"])
     return problems
 

@@ -135,7 +135,7 @@ def test_qwen2_moe_with_dense_layers_learns_a_text_file(tiny, tmp_path):
     """Partial conversion of a LLaMA model: a stock Qwen2-MoE with mlp_only_layers and a zero shared expert."""
     moe = make_moe(tiny, tmp_path, "llama", layers="every-2")
     config = json.loads((moe / "config.json").read_text())
-    assert config["model_type"] == "qwen2_moe" and config["mlp_only_layers"]
+    assert config["model_type"] == "qwen2_moe" and config["decoder_sparse_step"] == 2  # every-2
     (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 60)
     (run_,) = run(moe, tmp_path / "text.txt", seq_len=16).runs
     assert run_.eval[-1]["loss"] < run_.eval[0]["loss"]

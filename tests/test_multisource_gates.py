@@ -132,3 +132,28 @@ def test_layerwise_calibration_statistics_equal_the_whole_model_path(tmp_path):
         for name in ("l1", "sq", "count", "input_sums", "input_total"):
             assert torch.allclose(getattr(w, name), getattr(l, name), rtol=1e-5, atol=1e-6), (i, name)
         assert torch.equal(w.coactivation, l.coactivation)
+
+
+def test_runner_reads_only_the_embedding_rows_the_tokens_use(tmp_path):
+    """A TinyLlama vocabulary is 131 MB of bf16; a few prompts use a few rows (runs of consecutive ids are
+    read at once, gaps skipped); a token id outside the vocabulary is refused, and a layer whose stored
+    shape differs from its config is named."""
+    from ckptforge.errors import UsageError
+    from safetensors.torch import load_file, save_file
+
+    src = build_tiny("llama", tmp_path / "m", num_hidden_layers=2)
+    runner = LayerRunner(open_checkpoint(src))
+    full = load_file(src / "model.safetensors")["model.embed_tokens.weight"]
+    rows = torch.tensor([0, 3, 4, 5, 9, 127])
+    assert torch.equal(runner.read_rows(runner.decoder.embed_tokens, "weight", rows), full[rows])
+    ids = [torch.tensor([[5, 3, 3, 9]]), torch.tensor([[127, 0], [4, 5]])]
+    for got, i in zip(runner.embed(ids), ids):
+        assert torch.equal(got, torch.nn.functional.embedding(i, full).float())
+    with pytest.raises(UsageError, match="token id 128 is outside the embedding's 128 rows"):
+        runner.embed([torch.tensor([[1, 128]])])
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :1].contiguous()
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    runner = LayerRunner(open_checkpoint(src))
+    with pytest.raises(UsageError, match=r"model.layers.1.mlp.up_proj.weight has shape \(64, 1\) in the checkpoint"):
+        runner.materialise(runner.layers[1])

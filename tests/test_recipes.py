@@ -85,7 +85,7 @@ def test_a_broken_recipe_reports_every_problem_with_its_field_path(tmp_path, cli
         "method: missing (a string)",
         "paper: must be a string, not int",
         "summary: missing (a string)",
-        "colour: unknown field; allowed: family, method, name, options, paper, summary",
+        "colour: unknown field; allowed: family, method, multisource, name, options, paper, summary",
         "family: 'gpt2' is not a registered family; use one of " + ", ".join(FAMILIES),
         "options.num_experts: must be an integer, not str",
         "options.warp_speed: unknown option; allowed: " + ", ".join(sorted(RECIPE_OPTIONS)),

@@ -69,7 +69,7 @@ def test_partial_llama_is_qwen2_moe_with_dense_layers_and_zero_shared_expert(tin
     out = tmp_path / "moe"
     upcycle(tiny("llama"), out, UpcycleOptions(num_experts=4, layers="1"))
     config = read_json(out / "config.json")
-    assert config["model_type"] == "qwen2_moe" and config["mlp_only_layers"] == [0]
+    assert config["model_type"] == "qwen2_moe" and config["mlp_only_layers"] == [] and config["decoder_sparse_step"] == 2
     reference = transformers.Qwen2MoeForCausalLM(transformers.AutoConfig.for_model(**config))
     reference.save_pretrained(tmp_path / "reference")
     assert _keys(out) == _keys(tmp_path / "reference")

@@ -67,7 +67,7 @@ def upcycle(
     **setting_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
-    if moe_config is not None or expert_source or shared_expert:  # issue 14 (imported lazily: --help stays fast)
+    if moe_config is not None or expert_source or shared_expert or _multisource_recipe(recipe):  # issue 14 (lazy: --help stays fast)
         from .multisource import run_multisource
 
         return run_multisource(ctx, locals())
@@ -129,6 +129,15 @@ def _render_dry_run(plan: Plan, options: UpcycleOptions, as_json: bool) -> None:
         emit_json({"dry_run": True, "plan": plan.to_dict(), "options": options.to_dict(), "recipe": options.recipe})
     else:
         render_plan(plan)
+
+
+def _multisource_recipe(ref: str | None) -> bool:
+    """Issue 14: a recipe with a ``multisource`` field describes a multi-source MoE."""
+    if ref is None:
+        return False
+    from ckptforge.recipes import load_recipe
+
+    return load_recipe(ref).multisource is not None
 
 
 def _say_data_free(options: UpcycleOptions, plan: Plan) -> None:

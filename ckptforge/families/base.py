@@ -90,6 +90,23 @@ def sparse_step_moe_layers(config: dict[str, Any]) -> list[int]:
     return [i for i in range(int(config.get("num_hidden_layers", 0))) if i not in dense and (i + 1) % step == 0]
 
 
+def sparse_layers_config(moe_layers: list[int], num_layers: int) -> dict[str, Any]:
+    """How a stock Qwen-MoE config names its MoE layers: ``decoder_sparse_step`` N when they are
+    exactly every N-th layer (``--layers every-N``: layers N-1, 2N-1, …, transformers' own rule),
+    else step 1 with the dense layers listed in ``mlp_only_layers``.
+
+        >>> sparse_layers_config([1, 3], 4)
+        {'decoder_sparse_step': 2, 'mlp_only_layers': []}
+        >>> sparse_layers_config([0, 3], 4)
+        {'decoder_sparse_step': 1, 'mlp_only_layers': [1, 2]}
+    """
+    layers = sorted(moe_layers)
+    for step in range(1, num_layers + 1):
+        if layers == list(range(step - 1, num_layers, step)):
+            return {"decoder_sparse_step": step, "mlp_only_layers": []}
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(num_layers) if i not in set(layers)]}
+
+
 @dataclass(frozen=True)
 class OutputFormat:
     """An MoE checkpoint layout, registered by its output ``model_type`` (``name``; see
@@ -146,6 +163,9 @@ class Family:
     name: str = ""
     model_types: tuple[str, ...] = ()
     modality: str = "text"
+    #: Decoder-only LLMs that ckptforge.multisource.runner can run one layer at a time (calibration of a
+    #: model larger than RAM, prompt gates).
+    layer_runner: bool = False
     #: FFN role → tensor name template relative to the base prefix, with ``{layer}``.
     ffn: dict[str, str] = {}
     #: Regex renames from transformers-5 in-memory names to the canonical (on-disk) names.

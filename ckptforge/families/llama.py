@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, MoELayout, OutputFormat, stock_router_config
+from .base import Family, MoELayout, OutputFormat, sparse_layers_config, stock_router_config
 
 _LAYER = "model.layers.{layer}."
 
@@ -66,6 +66,7 @@ class LlamaFamily(Family):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
     modality = "text"
+    layer_runner = True
     ffn = {
         "gate": "layers.{layer}.mlp.gate_proj.weight",
         "up": "layers.{layer}.mlp.up_proj.weight",
@@ -108,8 +109,7 @@ class LlamaFamily(Family):
                 intermediate_size=int(config["intermediate_size"]),
                 moe_intermediate_size=layout.expert_width, shared_expert_intermediate_size=1,
                 num_experts=layout.num_experts, num_experts_per_tok=layout.top_k, norm_topk_prob=True,
-                decoder_sparse_step=1,
-                mlp_only_layers=[i for i in range(layers) if i not in layout.moe_layers],
+                **sparse_layers_config(layout.moe_layers, layers),
                 qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
                 use_sliding_window=bool(window), sliding_window=window, max_window_layers=0 if window else layers,
                 layer_types=["sliding_attention" if window else "full_attention"] * layers,

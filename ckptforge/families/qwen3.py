@@ -1,7 +1,8 @@
 """Qwen3 (gated SwiGLU FFNs, RMSNorm on queries and keys) → stock ``qwen3_moe`` checkpoints.
 
-Every layer MoE, or some (the others listed in ``mlp_only_layers``, a dense MLP of the source's
-width). Copy-all experts with renormalised top-k (``norm_topk_prob``) compute the dense function.
+Every layer MoE, or some (the others a dense MLP of the source's width): every N-th layer
+(``--layers every-N``) is written as ``decoder_sparse_step: N``, any other set by listing the dense
+layers in ``mlp_only_layers``. Copy-all experts with renormalised top-k (``norm_topk_prob``) compute the dense function.
 Only a Qwen3 source becomes Qwen3-MoE: its attention has q/k norms that a LLaMA, Mistral or Qwen2
 checkpoint lacks, so the conversion could not keep their function (see ``ckptforge.families.llama.WHY_NOT_QWEN3_MOE``).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, MoELayout, OutputFormat, stock_router_config
+from .base import Family, MoELayout, OutputFormat, sparse_layers_config, stock_router_config
 from .llama import _SHARED_KEYS
 
 _LAYER = "model.layers.{layer}."
@@ -37,6 +38,7 @@ class Qwen3Family(Family):
     name = "qwen3"
     model_types = ("qwen3",)
     modality = "text"
+    layer_runner = True
     ffn = {
         "gate": "layers.{layer}.mlp.gate_proj.weight",
         "up": "layers.{layer}.mlp.up_proj.weight",
@@ -66,8 +68,7 @@ class Qwen3Family(Family):
             model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
             intermediate_size=int(config["intermediate_size"]), moe_intermediate_size=layout.expert_width,
             num_experts=layout.num_experts, num_experts_per_tok=layout.top_k, norm_topk_prob=True,
-            decoder_sparse_step=1, mlp_only_layers=[i for i in range(layers) if i not in layout.moe_layers],
-            use_sliding_window=False, sliding_window=None,
+            use_sliding_window=False, sliding_window=None, **sparse_layers_config(layout.moe_layers, layers),
         )
         out.update(stock_router_config(layout))
         out.update(layout.extra_config)

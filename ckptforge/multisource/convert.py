@@ -43,11 +43,13 @@ class MultiSourceResult:
 
 def upcycle_multisource(spec: MoESpec, out: str | Path, *, layers: str = "all", seed: int = 0,
                         shard_size: int = 5 * 10**9, force: bool = False, prompts_in_card: bool = True,
-                        progress: Callable[[int], None] | None = None) -> MultiSourceResult:
-    """Build the MoE ``spec`` describes at ``out`` (nothing is written when a source or option is wrong)."""
+                        progress: Callable[[int], None] | None = None,
+                        recipe: dict[str, Any] | None = None) -> MultiSourceResult:
+    """Build the MoE ``spec`` describes at ``out`` (nothing is written when a source or option is wrong);
+    ``recipe`` is the recipe record it came from (see :func:`plan_multisource`)."""
     start = time.perf_counter()
     out = Path(out)
-    ms = plan_multisource(spec, out, layers=layers, seed=seed, shard_size=shard_size)
+    ms = plan_multisource(spec, out, layers=layers, seed=seed, shard_size=shard_size, recipe=recipe)
     try:
         target = AtomicOutput(out, force)
         target.check()
@@ -159,11 +161,11 @@ def _prompts(value: Any) -> str:
 def _provenance(ms: MultiSourcePlan, record: dict[str, Any], out_dir: Path, shard_hashes: dict[str, str]) -> dict:
     files = {p.name: shard_hashes.get(p.name) or sha256_file(p)
              for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != "ckptforge.json"}
-    plan = {k: v for k, v in ms.to_dict().items() if k not in ("moe_tensors", "free_bytes", "multisource")}
+    plan = {k: v for k, v in ms.to_dict().items() if k not in ("moe_tensors", "free_bytes", "multisource", "recipe")}
     return {
         "ckptforge_version": __version__,
         "source": {"ref": ms.spec.base_model, "revision": ms.sources.base.revision,
                    "files": record["base_model"]["files"]},
-        "options": {**ms.plan.options.to_dict(), "strategy": "multi-source"},
+        "options": {**ms.plan.options.to_dict(), "strategy": "multi-source", "recipe": ms.recipe},
         "plan": plan, "multisource": record, "verify": None, "files": files,
     }

@@ -130,9 +130,7 @@ def prompt_states(base: DenseCheckpoint, batch: dict[str, torch.Tensor], layers:
 def _embedding_sums(base: DenseCheckpoint, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from .runner import LayerRunner
 
-    runner = LayerRunner(base)
-    embed = runner.read(runner.decoder.embed_tokens, "weight", cast=False)
-    h = torch.nn.functional.embedding(batch["input_ids"], embed).float()
+    h = LayerRunner(base).embed([batch["input_ids"]])[0].float()  # only the prompts' embedding rows
     return (h * batch["attention_mask"].unsqueeze(-1)).sum(1)
 
 

@@ -38,14 +38,18 @@ class MultiSourcePlan:
     plan: Plan
     family: Family
     sources: Sources
+    recipe: dict[str, Any] | None = None  # the recipe it came from: name, sha256, values, overrides
 
     def to_dict(self, prompts: bool = True) -> dict[str, Any]:
-        return {**self.plan.to_dict(), "strategy": "multi-source", "multisource": self.spec.to_dict(prompts)}
+        return {**self.plan.to_dict(), "strategy": "multi-source", "multisource": self.spec.to_dict(prompts),
+                "recipe": self.recipe}
 
 
 def plan_multisource(spec: MoESpec, out: Path | None = None, *, layers: str = "all", seed: int = 0,
-                     shard_size: int = 5 * 10**9) -> MultiSourcePlan:
-    """Validate ``spec`` and every source against the base (all problems together) and lay out the output."""
+                     shard_size: int = 5 * 10**9, recipe: dict[str, Any] | None = None) -> MultiSourcePlan:
+    """Validate ``spec`` and every source against the base (all problems together) and lay out the output.
+
+    ``recipe`` (name, family, sha256, values, overrides) is checked against the base's family and recorded."""
     problems = spec.problems()
     sources = open_sources(spec)
     try:
@@ -59,6 +63,9 @@ def plan_multisource(spec: MoESpec, out: Path | None = None, *, layers: str = "a
             moe_layers = []
         fmt, why = choose_format(spec, family, base.config, moe_layers, dims.num_layers)
         problems += why + family.check(base.config) + check_sources(spec, sources, family, moe_layers)
+        if recipe is not None and recipe.get("family") != family.name:
+            problems.insert(0, f"recipe '{recipe['name']}' is for {recipe['family']} checkpoints, but the base is a "
+                               f"{family.name} checkpoint; use a {family.name} recipe or another base")
         if problems:
             raise PlanError(problems)
         options = UpcycleOptions(
@@ -70,7 +77,7 @@ def plan_multisource(spec: MoESpec, out: Path | None = None, *, layers: str = "a
         plan = build_plan(base, options, out, output_format=fmt)
         if width:
             plan.output_config["shared_expert_intermediate_size"] = width
-        return MultiSourcePlan(spec, plan, family, sources)
+        return MultiSourcePlan(spec, plan, family, sources, recipe)
     except BaseException:
         sources.close()
         raise
