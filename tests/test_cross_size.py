@@ -102,3 +102,31 @@ def test_cli_default_strategy_and_recipe_field(pair, tmp_path):
     plan = json.loads(done.stdout)["plan"]
     assert plan["strategy"] == "importance" and plan["teacher"]["hidden_size"] == 64
     assert _option_problems({"teacher": str(teacher), "strategy": "importance"}) == []
+
+
+def _recipe(path: Path, **options) -> Path:
+    body = {"name": "jetpack-test", "method": "MoE Jetpack", "paper": "arXiv:2406.04801", "summary": "cross-size",
+            "family": "vit", "options": {"num_experts": 4, "top_k": 2, **options}}
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+def test_recipe_field_teacher_and_typed_teacher_beats_it(pair, tmp_path):
+    student, teacher, imgs = pair
+    other = build_tiny("vit", tmp_path / "other", seed=3, hidden_size=48, intermediate_size=96)
+    recipe = _recipe(tmp_path / "r.yaml", teacher=str(teacher))
+    done = run_cli("upcycle", str(student), "--recipe", str(recipe), "--calibration", str(imgs), "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["plan"]["teacher"]["source"] == str(teacher) and out["plan"]["teacher"]["hidden_size"] == 64
+    assert out["plan"]["strategy"] == "importance"  # the recipe's teacher brings the cross-size default
+    done = run_cli("upcycle", str(student), "--recipe", str(recipe), "--teacher", str(other), "--calibration", str(imgs),
+                   "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["plan"]["teacher"]["source"] == str(other) and out["plan"]["teacher"]["hidden_size"] == 48
+    assert out["recipe"]["overrides"]["teacher"] == str(other)
+    bad = _recipe(tmp_path / "bad.yaml", teacher=5)
+    done = run_cli("upcycle", str(student), "--recipe", str(bad), "--calibration", str(imgs), "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "options.teacher: must be a string, not int" in done.stderr
+    assert not (tmp_path / "o").exists()
