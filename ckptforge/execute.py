@@ -23,6 +23,7 @@ import torch
 from ckptforge import __version__
 from ckptforge.card import check_base_model, render_card
 from ckptforge.config import UpcycleOptions
+from ckptforge.cross_size_student import open_student
 from ckptforge.io.paths import check_output_file, local_paths
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
@@ -71,7 +72,7 @@ def upcycle(
     out = Path(out)
     if base_model is not None:
         check_base_model(base_model)
-    ckpt = source if isinstance(source, DenseCheckpoint) else open_checkpoint(str(source))
+    ckpt = source if isinstance(source, DenseCheckpoint) else open_student(str(source), options.teacher)  # issue 13
     if plan is None:
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     options = plan.options  # with the defaults the plan resolved (e.g. a data-free importance score)
@@ -172,6 +173,7 @@ class _LayerMaker:
             self.ffn_ckpt, self.ffn_canonical = teacher, self.family.canonical_names(list(teacher.tensors))
             self.ffn_prefix = self.family.base_prefix(set(self.ffn_canonical))
             self.channels = choose_channels(stats, plan.moe_layers, plan.dims.hidden_size)
+            getattr(ckpt, "use_channels", lambda channels: None)(self.channels)  # a config-only student
         self.strategy = STRATEGIES[plan.options.strategy]
         self._layer: int | None = None
         self._ffn: DenseFFN | None = None

@@ -183,7 +183,8 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
         from ckptforge.io.source import open_checkpoint
 
         teacher_ckpt = open_checkpoint(options.teacher)
-        teacher, found = teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers)
+        teacher, found = teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers,
+                                         student=ckpt)
         teacher_ckpt.close()
         problems += found
     if problems:

@@ -106,7 +106,7 @@ def upcycle(
 
         prehash(local_source_files(source))
     from ckptforge.config import UpcycleOptions, parse_size, router_settings
-    from ckptforge.io.source import open_checkpoint
+    from ckptforge.cross_size_student import open_student
     from ckptforge.plan import build_plan
 
     try:
@@ -127,7 +127,7 @@ def upcycle(
     )
     if recipe is not None:  # issue 6
         options = apply_recipe(ctx, recipe, options)
-    ckpt = open_checkpoint(source)  # issue 12: opened and planned once
+    ckpt = open_student(source, options.teacher)  # issue 12: opened and planned once; issue 13: config-only STUDENT
     plan = build_plan(ckpt, options, out)
     _say_data_free(options, plan)
     if dry_run:
