@@ -145,6 +145,10 @@ class SlicedStudent(DenseCheckpoint):
         for key in ("architectures", "model_type"):
             config[key] = own.get(key) or teacher.config.get(key)
         problems = head_problems(Heads.of(config), Heads.of(teacher.config))
+        depth = config.get("num_hidden_layers", 0), teacher.config.get("num_hidden_layers", 0)
+        if depth[0] > depth[1]:
+            problems.append(f"the student config has {depth[0]} layers and the teacher {depth[1]}; student layer i "
+                            f"is cut from teacher layer i: use at most {depth[1]} layers")
         shapes = _meta_tensors(config, teacher) if not problems else {}
         axes: dict[str, tuple[str, ...]] = {}
         roles = _ffn_roles(teacher)
