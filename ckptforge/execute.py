@@ -24,6 +24,7 @@ from ckptforge import __version__
 from ckptforge.card import check_base_model, render_card
 from ckptforge.config import UpcycleOptions
 from ckptforge.cross_size_student import open_student
+from ckptforge.errors import UsageError
 from ckptforge.io.paths import check_output_file, local_paths
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
@@ -76,6 +77,9 @@ def upcycle(
     if plan is None:
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     options = plan.options  # with the defaults the plan resolved (e.g. a data-free importance score)
+    if verify and options.teacher:  # issue 13: nothing to reproduce
+        raise UsageError("--verify checks that the MoE reproduces its dense source, but with --teacher the experts "
+                         "come from another model; drop --verify and measure it with 'ckptforge eval'")
     teacher = open_checkpoint(options.teacher) if options.teacher else None  # issue 13: cross-size
     reads = [*ckpt.read_paths(), *(teacher.read_paths() if teacher else []), *local_paths([options.calibration])]
     target = AtomicOutput(out, force, reads)

@@ -87,6 +87,10 @@ def test_bad_teachers_exit_2_and_write_nothing(pair, tmp_path):
     assert done.returncode == 2 and "--strategy copy-all cannot; use one of importance, random, uniform" in done.stderr
     done = run_cli("upcycle", str(student), "--teacher", str(teacher), "--out", str(out))
     assert done.returncode == 2 and "--teacher (its FFN-input channels are chosen by importance)" in done.stderr
+    done = run_cli("upcycle", str(student), "--teacher", str(teacher), "--calibration", str(imgs), "--verify",
+                   "--out", str(out))
+    assert done.returncode == 2 and "with --teacher the experts come from another model; drop --verify" in done.stderr
+    assert not out.exists()
     with pytest.raises(PlanError, match="has 4 layers; student MoE layer 5"):
         deep = build_tiny("vit", tmp_path / "deep", num_hidden_layers=6)
         ckptforge.upcycle(deep, out, ckptforge.UpcycleOptions(num_experts=4, layers="5", strategy="importance",

@@ -84,7 +84,7 @@ def upcycle(
     no_prompts_in_card: Annotated[bool, typer.Option("--no-prompts-in-card", help="Record each expert's prompts as a count and sha256, not the text.")] = False,
     # --- end issue 14 ---
     # --- issue 13: cross-size recycling (MoE Jetpack) ---
-    teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration). A SOURCE that is a config only (config.json, no weights) gets every weight sliced from it.")] = None,
     **router_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
