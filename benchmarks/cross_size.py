@@ -24,6 +24,9 @@ steps and optimiser. Writes ``cross-size.json`` (every curve), ``cross-size.md``
     python examples/train_tiny_vit.py --hidden-size 128 --threads 1 --skip-images \\
         --out examples/tiny-vit-mnist-wide            # the shipped teacher (3.2 MB)
     python benchmarks/cross_size.py --seeds 0 1 2 --steps 200 --mixed --out out/cross-size
+    # or one process per seed, then combine their reports:
+    python benchmarks/cross_size.py --seeds 1 --mixed --out out/cs1   # (and so on)
+    python benchmarks/cross_size.py --aggregate out/cross-size out/cs1 --out out/cross-size-all
 
 Only metrics are reported (no timings): they do not depend on the machine's load.
 """
@@ -77,6 +80,19 @@ def run_seed(models: dict[str, Path], work: Path, seed: int, args: argparse.Name
         mixed = finetune(models["mixed"], FinetuneOptions(**common, report=str(work / f"seed{seed}-mixed")))
         runs.append({**mixed.runs[0].to_dict(), "name": "mixed"})
     return [{**r, "seed": seed} for r in runs]
+
+
+def load_runs(outs: list[Path]) -> list[dict[str, Any]]:
+    """The runs that earlier calls wrote (``OUT/finetune/seedS[-mixed]/finetune.json``), to combine
+    seeds run as separate processes."""
+    runs = []
+    for out in outs:
+        for report in sorted((out / "finetune").glob("seed*/finetune.json")):
+            data = json.loads(report.read_text())
+            seed = data["options"]["seed"]
+            mixed = report.parent.name.endswith("-mixed")
+            runs += [{**r, "name": "mixed" if mixed else r["name"], "seed": seed} for r in data["runs"]]
+    return runs
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -150,17 +166,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed", action="store_true", help="also the teacher-experts arm (student checkpoint)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "cross-size")
     parser.add_argument("--no-png", action="store_true")
+    parser.add_argument("--aggregate", type=Path, nargs="+", help="only combine the finetune reports under these "
+                        "earlier --out directories (seeds run as separate processes) into --out")
     args = parser.parse_args(argv)
+    if args.aggregate:
+        runs = load_runs(args.aggregate)
+        first = json.loads(next((args.aggregate[0] / "finetune").glob("seed*/finetune.json")).read_text())["options"]
+        args.steps, args.lr, args.batch_size = first["steps"], first["lr"], first["batch_size"]
+        args.seeds = sorted({r["seed"] for r in runs})
+        return write_outputs(runs, args)
     if not (args.teacher / "config.json").is_file():
         sys.exit(f"no teacher at {args.teacher}; train it with: python examples/train_tiny_vit.py "
                  f"--hidden-size 128 --threads 1 --skip-images --out {args.teacher}")
     args.out.mkdir(parents=True, exist_ok=True)
     models = build_models(args.out / "models", args.teacher, args.mixed)
     runs = [run for seed in args.seeds for run in run_seed(models, args.out / "finetune", seed, args)]
+    write_outputs(runs, args)
+
+
+def write_outputs(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """cross-size.json, cross-size.md and (unless --no-png) cross-size.png into --out; print the table."""
+    args.out.mkdir(parents=True, exist_ok=True)
     table = summary(runs)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "cross-size.json").write_text(json.dumps({"options": options, "summary": table, "runs": runs},
-                                                         indent=1) + "\n")
+    record = {"options": options, "summary": table, "runs": runs}
+    (args.out / "cross-size.json").write_text(json.dumps(record, default=str, indent=1) + "\n")
     text = markdown(table, args)
     (args.out / "cross-size.md").write_text(text)
     if not args.no_png:
