@@ -119,10 +119,15 @@ def _teacher_rows(plan: Any, calibration: dict | None) -> list[str]:
         return []
     channels = (calibration or {}).get("teacher_channels") or []
     shown = ", ".join(map(str, channels[:16])) + (", …" if len(channels) > 16 else "")
+    cut = teacher.get("student")
+    rest = "every other weight from the student" if not cut else (
+        f"every other weight sliced from the teacher too, on the same channels (student config "
+        f"`{cut['config']}`; attention heads {cut['heads']}, head dim {cut['head_dim']}, by weight norm; "
+        "dense layers' FFN units by weight norm)")
     return [
         f"| experts recycled from | `{teacher['source']}` (d {teacher['hidden_size']}, d_ff "
         f"{teacher['intermediate_size']}): hidden units by {plan.options.strategy}, {len(channels)} of "
-        f"{teacher['hidden_size']} channels by importance at its FFN input; every other weight from the student |",
+        f"{teacher['hidden_size']} channels by importance at its FFN input; {rest} |",
         f"| teacher channels | {shown} (all in `ckptforge.json`, `teacher.channels`) |",
     ]
 

@@ -4,8 +4,9 @@ teacher's d_teacher channels chosen by importance at the teacher's FFN input (th
 of the calibration activations there, summed over the MoE layers: one channel set for the whole
 residual stream).
 
-This first version requires a student checkpoint: its non-FFN weights (embeddings, attention,
-norms, head) and its dense layers are copied from it; only the experts come from the teacher.
+A student checkpoint keeps its non-FFN weights (embeddings, attention, norms, head) and its dense
+layers; only the experts come from the teacher. A student given as a config only has every weight
+sliced from the teacher on the same channels (:mod:`ckptforge.cross_size_student`).
 Layer i of the student takes the FFN of layer i of the teacher.
 
     >>> top_channels(torch.tensor([0.1, 3.0, 0.2, 2.0]), 2).tolist()
@@ -35,15 +36,19 @@ class Teacher:
     source: str
     family: str
     dims: Dims
+    #: how a config-only student was cut from the teacher (None: the student has its own weights)
+    student: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "family": self.family, "hidden_size": self.dims.hidden_size,
-                "intermediate_size": self.dims.intermediate_size, "num_layers": self.dims.num_layers}
+                "intermediate_size": self.dims.intermediate_size, "num_layers": self.dims.num_layers,
+                "student": self.student}
 
 
 def teacher_problems(teacher: DenseCheckpoint, family: Any, dims: Dims, options: Any, expert_width: int,
-                     moe_layers: list[int]) -> tuple[Teacher | None, list[str]]:
-    """The teacher and every problem of using it for this student (found before a tensor is read)."""
+                     moe_layers: list[int], student: Any = None) -> tuple[Teacher | None, list[str]]:
+    """The teacher and every problem of using it for this student (found before a tensor is read);
+    ``student``: the student checkpoint (a config-only one says how it was cut)."""
     ref = options.teacher
     try:
         tfamily = detect_family(teacher.config)
@@ -75,7 +80,8 @@ def teacher_problems(teacher: DenseCheckpoint, family: Any, dims: Dims, options:
     if options.router_init == "centroid":
         problems.append("--router-init centroid measures the teacher's inputs, not the student's; "
                         "use --router-init normal or zeros with --teacher")
-    return Teacher(teacher.source, tfamily.name, tdims), problems
+    summary = student.summary() if hasattr(student, "summary") else None
+    return Teacher(teacher.source, tfamily.name, tdims, summary), problems
 
 
 def top_channels(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch
 from ckptforge.card import check_base_model, render_card
 from ckptforge.config import UpcycleOptions
 from ckptforge.expert_tensors import channel_block, expert_tensor, generator_for, initial_tensor
+from ckptforge.cross_size_student import open_student
+from ckptforge.errors import UsageError
 from ckptforge.io.paths import check_output_file, local_paths
 from ckptforge.io.source import DenseCheckpoint, open_checkpoint
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
@@ -78,10 +80,13 @@ def upcycle(
     out = Path(out)
     if base_model is not None:
         check_base_model(base_model)
-    ckpt = source if isinstance(source, DenseCheckpoint) else open_checkpoint(str(source))
+    ckpt = source if isinstance(source, DenseCheckpoint) else open_student(str(source), options.teacher)  # issue 13
     if plan is None:
         plan = build_plan(ckpt, options, out, has_stats=stats is not None)
     options = plan.options  # with the defaults the plan resolved (e.g. a data-free importance score)
+    if verify and options.teacher:  # issue 13: nothing to reproduce
+        raise UsageError("--verify checks that the MoE reproduces its dense source, but with --teacher the experts "
+                         "come from another model; drop --verify and measure it with 'ckptforge eval'")
     teacher = open_checkpoint(options.teacher) if options.teacher else None  # issue 13: cross-size
     target = _output_target(out, force, ckpt, teacher, options)
     if stats is None:
@@ -227,6 +232,7 @@ class _LayerMaker:
             self.ffn_ckpt, self.ffn_canonical = teacher, self.family.canonical_names(list(teacher.tensors))
             self.ffn_prefix = self.family.base_prefix(set(self.ffn_canonical))
             self.channels = choose_channels(stats, plan.moe_layers, plan.dims.hidden_size)
+            getattr(ckpt, "use_channels", lambda channels: None)(self.channels)  # a config-only student
         self.strategy = STRATEGIES[plan.options.strategy]
         self._layer: int | None = None
         self._ffn: DenseFFN | None = None

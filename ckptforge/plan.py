@@ -170,7 +170,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
         problems += _missing_ffn(family, prefix, moe_layers, canonical) or weight_problems(
             ckpt, family, prefix, dims, canonical)
     problems += _router_problems(family, options, dims, problems)
-    teacher, found = _teacher_check(options, family, dims, expert_width, moe_layers)
+    teacher, found = _teacher_check(ckpt, options, family, dims, expert_width, moe_layers)
     problems += found
     if problems:
         raise PlanError(problems)
@@ -204,7 +204,7 @@ def _strategy_check(options: UpcycleOptions, dims: Dims) -> tuple[Any, int, list
     return strategy, strategy.expert_width(options.strategy_params, dims.intermediate_size, options.num_experts), problems
 
 
-def _teacher_check(options: UpcycleOptions, family: Family, dims: Dims, expert_width: int,
+def _teacher_check(ckpt: DenseCheckpoint, options: UpcycleOptions, family: Family, dims: Dims, expert_width: int,
                    moe_layers: list[int]) -> tuple[Any, list[str]]:
     """Cross-size recycling (issue 13): the teacher's record and its problems; (None, []) without one."""
     if not options.teacher:
@@ -214,7 +214,7 @@ def _teacher_check(options: UpcycleOptions, family: Family, dims: Dims, expert_w
 
     teacher_ckpt = open_checkpoint(options.teacher)
     try:
-        return teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers)
+        return teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers, student=ckpt)
     finally:
         teacher_ckpt.close()
 

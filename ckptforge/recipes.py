@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,8 @@ def _option_problems(options: dict[str, Any]) -> list[str]:
             problems.append(f"{path}: unknown option; allowed: {', '.join(allowed)}")
         elif not _same_kind(value, defaults[key]):
             problems.append(f"{path}: must be {_kind_name(type(defaults[key]))}, not {type(value).__name__}")
+        elif defaults[key] is None and value is not None and not isinstance(value, kinds := _hinted_kinds(key)):
+            problems.append(f"{path}: must be {' or '.join(map(_kind_name, kinds))}, not {type(value).__name__}")
     router = options.get("router")
     if isinstance(router, dict) and not isinstance(router.get("type"), str):
         problems.append("options.router.type: missing (a string such as topk)")
@@ -192,6 +195,17 @@ def _same_kind(value: Any, default: Any) -> bool:
     if default is None:
         return True
     return isinstance(value, type(default))
+
+
+def _hinted_kinds(key: str) -> tuple[type, ...]:
+    """The types an option whose default is None may take (its annotation, without None):
+    ``teacher: 5`` is refused here instead of failing deep inside the conversion.
+
+        >>> _hinted_kinds("teacher")
+        (<class 'str'>,)
+    """
+    hint = typing.get_type_hints(UpcycleOptions)[key]
+    return tuple(typing.get_origin(t) or t for t in typing.get_args(hint) or (hint,) if t is not type(None))
 
 
 def _kind_name(kind: type) -> str:

@@ -63,7 +63,7 @@ def upcycle(
     gate_mode: Annotated[str | None, typer.Option("--gate-mode", help="Router rows: random (default with --expert-source) | uniform_random | cheap_embed | hidden | hidden_avg (prompt modes need --config).")] = None,
     architecture: Annotated[str | None, typer.Option("--architecture", help="Multi-source output: mixtral | qwen2_moe | qwen3_moe (default: the family's choice).")] = None,
     no_prompts_in_card: Annotated[bool, typer.Option("--no-prompts-in-card", help="Record each expert's prompts as a count and sha256, not the text.")] = False,
-    teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration).")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Slice the experts from this wider dense checkpoint of the same family: hidden units by --strategy (default importance), channels by importance at its FFN input (needs --calibration). A SOURCE that is a config only (config.json, no weights) gets every weight sliced from it.")] = None,
     **setting_flags: Any,
 ) -> None:
     """Convert a dense checkpoint into a Mixture-of-Experts checkpoint."""
@@ -72,10 +72,10 @@ def upcycle(
 
         return run_multisource(ctx, locals())
     options = upcycle_options(ctx, locals())
-    from ckptforge.io.source import open_checkpoint
+    from ckptforge.cross_size_student import open_student
     from ckptforge.plan import build_plan
 
-    ckpt = open_checkpoint(source)  # issue 12: opened and planned once
+    ckpt = open_student(source, options.teacher)  # issue 12: opened and planned once; issue 13: config-only STUDENT
     plan = build_plan(ckpt, options, out)
     _say_data_free(options, plan)
     if dry_run:
