@@ -164,7 +164,7 @@ class SlicedStudent(DenseCheckpoint):
         if problems:
             teacher.close()
             raise PlanError(problems[:1] + ([f"and {len(problems) - 1} more"] if len(problems) > 1 else []))
-        tensors = {n: TensorInfo(n, teacher.tensors[n].file, teacher.tensors[n].dtype, shapes[n]) for n in axes}
+        tensors = {n: TensorInfo(n, teacher.tensors[n].file, teacher.tensors[n].dtype_name, shapes[n]) for n in axes}
         return cls(ref, config_path.parent, config, tensors, [], None, teacher=teacher, config_path=config_path,
                    axes=axes)
 
