@@ -15,19 +15,20 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ckptforge.calibration import missing_calibration_message, needed_stats
+from ckptforge.calibration_needs import missing_calibration_message, needed_stats
 from ckptforge.consistency import bound_problems, weight_problems
 from ckptforge.config import DTYPES, ROUTER_SETTINGS, UpcycleOptions, parse_layers, router_problems
 from ckptforge.errors import DiskSpaceError, PlanError, UsageError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
-from ckptforge.io.source import DenseCheckpoint
-from ckptforge.moe import active_expert_params, moe_tensor_layout
+from ckptforge.io.source import DenseCheckpoint, dtype_itemsize, torch_dtype
+from ckptforge.moe.layout import active_expert_params, moe_tensor_layout
 from ckptforge.strategies import STRATEGIES
+
+if TYPE_CHECKING:  # the plan names dtypes; torch loads only when a tensor is made
+    import torch
 
 _LAYER_OF = re.compile(r"layers?\.(\d+)\.")
 _HEADER_ALLOWANCE = 1 << 20  # per shard, for the safetensors JSON header
@@ -38,12 +39,13 @@ class PlannedTensor:
     """One output tensor and how to make it.
 
     ``op``: ``copy`` (from ``source``), ``expert`` (role of expert ``expert``, or all experts
-    stacked when ``expert`` is None), ``router`` or ``zeros``.
+    stacked when ``expert`` is None), ``router`` or ``zeros``. ``dtype_name`` is the torch dtype's
+    name (``float32``); :attr:`dtype` is the dtype itself (imports torch).
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
     op: str
     source: str | None = None
     layer: int | None = None
@@ -52,12 +54,16 @@ class PlannedTensor:
     group: str | None = None
 
     @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * dtype_itemsize(self.dtype_name)
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Plan:
     @property
     def params_active(self) -> int:
         """Parameters one token uses: the dense parts, plus the share of the experts its router
-        type gives it (k/E for top-k; see :data:`ckptforge.moe.layer.ROUTERS`)."""
+        type gives it (k/E for top-k; see :data:`ckptforge.moe.layout.ROUTER_LAYOUTS`)."""
         o = self.options
         expert = sum(t.numel for t in self.tensors if t.op == "expert")
         return self.params_total - expert + active_expert_params(self.output_config.get("moe_router"), expert,
@@ -129,7 +135,7 @@ class Plan:
             "dropped_tensors": self.dropped,
             "teacher": self.teacher,
             "moe_tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype_name}
                 for t in self.tensors if t.op in ("expert", "router")
             ],
         }
@@ -269,12 +275,12 @@ def _missing_ffn(family: Family, prefix: str, moe_layers: list[int], canonical: 
 def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dims, prefix: str,
              canonical: dict[str, str], moe_layers: list[int], options: UpcycleOptions,
              expert_width: int, out_config: dict[str, Any]) -> tuple[list[PlannedTensor], list[str]]:
-    forced = getattr(torch, DTYPES[options.dtype]) if DTYPES[options.dtype] else None
+    forced = DTYPES[options.dtype]
     ffn_of = {layer: family.ffn_names(prefix, layer) for layer in moe_layers}
     moe_ffn = {name for names in ffn_of.values() for name in names.values()}
     tensors: list[PlannedTensor] = []
     for layer in moe_layers:
-        ffn_dtype = forced or ckpt.tensors[canonical[ffn_of[layer]["up"]]].dtype
+        ffn_dtype = forced or ckpt.tensors[canonical[ffn_of[layer]["up"]]].dtype_name
         e, d = options.num_experts, dims.hidden_size
         if fmt.moe_module is not None:
             has_bias = {role: ffn_of[layer].get(role) in canonical for role in ("up_bias", "down_bias")}
@@ -300,7 +306,7 @@ def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dim
         if wanted is not None and name not in wanted:
             continue
         info = ckpt.tensors[stored]
-        tensors.append(PlannedTensor(name, info.shape, forced or info.dtype, "copy", source=stored))
+        tensors.append(PlannedTensor(name, info.shape, forced or info.dtype_name, "copy", source=stored))
         used.add(canon)
     planned = {t.name for t in tensors}
     if wanted is not None and (absent := sorted(wanted - planned)):
@@ -310,7 +316,7 @@ def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dim
 
 
 def _runtime_block(fmt: OutputFormat, layer: int, options: UpcycleOptions, d: int, expert_width: int,
-                   dtype: torch.dtype, has_bias: dict[str, bool]) -> list[PlannedTensor]:
+                   dtype: str, has_bias: dict[str, bool]) -> list[PlannedTensor]:
     """The tensors of one ckptforge runtime MoE block, as its router type lays them out."""
     layout = moe_tensor_layout(options.router, d, options.num_experts, expert_width)
     module = fmt.moe_module.format(layer=layer)
