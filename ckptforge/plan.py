@@ -337,9 +337,12 @@ def _runtime_block(fmt: OutputFormat, layer: int, options: UpcycleOptions, d: in
 
 
 def _expected_names(fmt: OutputFormat, out_config: dict[str, Any]) -> set[str] | None:
-    """For ckptforge's own formats: the exact tensor names the modeling class declares."""
+    """For ckptforge's own formats: the exact tensor names the modeling class declares (from the
+    config when the format knows them, else from the class built on the meta device)."""
     if fmt.remote_module is None:
         return None
+    if fmt.state_names is not None:
+        return fmt.state_names(out_config)
     from ckptforge.loading import state_names
 
     return state_names(out_config)
