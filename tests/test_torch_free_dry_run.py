@@ -65,3 +65,16 @@ def test_a_refused_dry_run_imports_no_torch_either():
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
     assert fresh["code"] == 2 and fresh["heavy"] == []
     assert "needs activation statistics" in done.stderr
+
+
+def test_inspect_of_an_moe_checkpoint_imports_no_torch(converted):
+    """Its active parameters come from the torch-free router layouts (``ckptforge.moe.layout``)."""
+    done = subprocess.run([sys.executable, "-c", _FRESH, "inspect", str(converted), "--json"], env=cli_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh["code"] == 0 and fresh["heavy"] == []
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["inspect", str(converted), "--json"]) == 0
+    info = json.loads(fresh["out"])
+    assert info == json.loads(out.getvalue()) and info["is_moe"] is True
+    assert 0 < info["params_active"] < info["params_total"]
