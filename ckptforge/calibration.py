@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from ckptforge.calibration_data import CalibrationSet
+from ckptforge.calibration_needs import missing_calibration_message, needed_stats  # noqa: F401 (re-exported)
 from ckptforge.errors import CalibrationError
 from ckptforge.io.source import DenseCheckpoint
 from ckptforge.strategy_settings import CoactivationSettings
@@ -316,19 +317,6 @@ def centroid_router(units: list[torch.Tensor], stats: LayerStats, norm: float) -
     return torch.stack(rows).float()
 
 
-def needed_stats(options: Any) -> set[str]:
-    """What an upcycling run needs from calibration (empty: no calibration pass)."""
-    from ckptforge.strategies import STRATEGIES
-
-    strategy = STRATEGIES.get(options.strategy)
-    needs = strategy.stats_needed(options.strategy_params) if strategy is not None else set()
-    if options.router_init == "centroid":
-        needs |= {"scores", "centroids"}
-    if getattr(options, "teacher", None):  # issue 13: the teacher's FFN-input channels
-        needs |= {"channels"}
-    return needs
-
-
 def statistics_for(ckpt: DenseCheckpoint, options: Any, moe_layers: list[int], modality: str) -> ActivationStats | None:
     """The statistics an upcycling run needs, read from ``options.stats_cache`` when its key
     matches, else collected from ``options.calibration`` (and cached there). None when none needed.
@@ -358,14 +346,6 @@ def statistics_for(ckpt: DenseCheckpoint, options: Any, moe_layers: list[int], m
         stats.save(options.stats_cache)
         stats.calibration["cache"] = "written"
     return stats
-
-
-def missing_calibration_message(options: Any) -> str:
-    what = f"--strategy {options.strategy}" if options.router_init != "centroid" else "--router-init centroid"
-    if getattr(options, "teacher", None):  # issue 13
-        what = "--teacher (its FFN-input channels are chosen by importance)"
-    return (f"{what} needs activation statistics; pass --calibration PATH "
-            "(a folder of images, a .txt/.jsonl file or a dataset)")
 
 
 def dense_weights_path(ckpt: DenseCheckpoint) -> Path:

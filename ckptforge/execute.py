@@ -31,8 +31,7 @@ from ckptforge.io.source import DenseCheckpoint, open_checkpoint
 from ckptforge.io.writer import AtomicOutput, TensorSpec, write_index, write_shard
 from ckptforge.loading import copy_files
 from ckptforge.memory import trim_heap
-from ckptforge.moe import moe_tensor_layout
-from ckptforge.plan import Plan, PlannedTensor, build_plan
+from ckptforge.plan import Plan, PlannedTensor, TensorOp, build_plan
 from ckptforge.provenance import calibration_record, provenance, teacher_channels
 from ckptforge.remote_code import write_remote_code
 from ckptforge.strategies import STRATEGIES, DenseFFN, ExpertInit, LayerSelection
@@ -239,39 +238,36 @@ class _LayerMaker:
         self._selection: LayerSelection | None = None
 
     def pieces(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
-        opts = self.plan.options
-        if t.op == "copy":
-            yield self.ckpt.read(t.source)
-        elif t.op == "zeros":
-            yield torch.zeros(t.shape, dtype=t.dtype)
-        elif t.op == "router":
-            yield self._router(t)
-        elif t.op == "init":
-            yield initial_tensor(t.role, t.shape, generator_for(opts.seed, t.layer, t.name)).to(t.dtype)
-        elif t.group is not None:
-            yield from self._group_experts(t)
-        else:
-            ffn, sel = self._load(t.layer)
-            experts = range(opts.num_experts) if t.expert is None else [t.expert]
-            for e in experts:
-                yield expert_tensor(ffn, sel, e, t.role, generator_for(opts.seed, t.layer, e, t.role),
-                                    self._folded_scale())
+        """The data of ``t`` (one piece, or one per expert), made as its :class:`TensorOp` says."""
+        return _MAKERS[t.op](self, t)
 
-    def _folded_scale(self) -> float:
-        """The strategy's output scale, folded into the down weights when the output format's
-        config cannot store it (stock Mixtral / Qwen2-MoE have no ``moe_output_scale``)."""
-        if "moe_output_scale" in self.plan.output_config:
-            return 1.0
-        o = self.plan.options
-        return self.strategy.output_scale(o.strategy_params, o.num_experts, o.top_k, self.plan.dims.intermediate_size)
+    def _copy(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        yield self.ckpt.read(t.source)
+
+    def _zeros(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        yield torch.zeros(t.shape, dtype=t.dtype)
+
+    def _init(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        yield initial_tensor(t.role, t.shape, generator_for(self.plan.options.seed, t.layer, t.name)).to(t.dtype)
+
+    def _experts(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        """Expert tensors: one expert's, every expert's stacked (stock formats, the plan's folded
+        output scale on the down weights) or a runtime block's expert group."""
+        if t.group is not None:
+            yield from self._group_experts(t)
+            return
+        opts = self.plan.options
+        ffn, sel = self._load(t.layer)
+        for e in range(opts.num_experts) if t.expert is None else [t.expert]:
+            yield expert_tensor(ffn, sel, e, t.role, generator_for(opts.seed, t.layer, e, t.role),
+                                self.plan.moe[t.layer].down_scale)
 
     def _group_experts(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
         """Expert tensors of a runtime block's expert group: recycled expert ``first + i``, narrowed
         to a uniform subset of its units (universal experts) or a channel block (MH-MoE)."""
         opts = self.plan.options
-        layout = moe_tensor_layout(opts.router, self.plan.dims.hidden_size, opts.num_experts, self.plan.expert_width)
-        group = next(g for g in layout.groups if g.name == t.group)
-        ffn, sel = self._load(t.layer, layout.recycled_experts)
+        group = next(g for g in self.plan.moe[t.layer].layout.groups if g.name == t.group)
+        ffn, sel = self._load(t.layer)
         for i in range(group.count):
             e = group.first + i
             init = sel.experts[e]
@@ -284,7 +280,10 @@ class _LayerMaker:
                 x = channel_block(x, t.role, i % group.channel_blocks, group.in_dim)
             yield x
 
-    def _router(self, t: PlannedTensor) -> torch.Tensor:
+    def _router(self, t: PlannedTensor) -> Iterator[torch.Tensor]:
+        yield self._router_weight(t)
+
+    def _router_weight(self, t: PlannedTensor) -> torch.Tensor:
         opts = self.plan.options
         if opts.router_init == "zeros":
             return torch.zeros(t.shape, dtype=t.dtype)
@@ -297,7 +296,7 @@ class _LayerMaker:
         g = generator_for(opts.seed, t.layer, "router")
         return (torch.randn(t.shape, generator=g) * opts.router_init_std).to(t.dtype)
 
-    def _load(self, layer: int, num_experts: int | None = None) -> tuple[DenseFFN, LayerSelection]:
+    def _load(self, layer: int) -> tuple[DenseFFN, LayerSelection]:
         if self._layer != layer:
             self._ffn = self._selection = None
             trim_heap()
@@ -307,8 +306,7 @@ class _LayerMaker:
             self._ffn = DenseFFN(weights)
             opts = self.plan.options
             layer_stats = self.stats.layer(layer) if self.stats is not None else None
-            recycled = num_experts or moe_tensor_layout(
-                opts.router, self.plan.dims.hidden_size, opts.num_experts, self.plan.expert_width).recycled_experts
+            recycled = self.plan.moe[layer].layout.recycled_experts
             # recycled may exceed E (sphero's universal experts are cut from further recycled
             # experts): the width stays the planned one, not d_ff / recycled
             params = {**opts.strategy_params, "expert_width": self.plan.expert_width}
@@ -320,3 +318,12 @@ class _LayerMaker:
             self._layer = layer
             self.selections[layer] = self._selection
         return self._ffn, self._selection
+
+
+#: Tensor operation → the :class:`_LayerMaker` method that makes it (one per :class:`TensorOp`).
+_MAKERS: dict[TensorOp, Callable[[_LayerMaker, PlannedTensor], Iterator[torch.Tensor]]] = {
+    TensorOp.COPY: _LayerMaker._copy, TensorOp.ZEROS: _LayerMaker._zeros, TensorOp.ROUTER: _LayerMaker._router,
+    TensorOp.INIT: _LayerMaker._init, TensorOp.EXPERT: _LayerMaker._experts,
+}
+if set(_MAKERS) != set(TensorOp):
+    raise ImportError(f"execute._MAKERS lacks {sorted(set(TensorOp) - set(_MAKERS))}")

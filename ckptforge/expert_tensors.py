@@ -8,6 +8,7 @@ block starts with, and the seeded random streams they draw from. Pure functions 
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 
@@ -59,25 +60,30 @@ def _expert_tensor(ffn: DenseFFN, sel: LayerSelection, expert: int, role: str, g
     return t
 
 
+def _orthogonal(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=g))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if shape[0] >= shape[1] else q.T
+
+
+#: Init name (``MoETensorLayout.extras``) → the fresh tensor of that shape, from the seeded stream.
+INITS: dict[str, Callable[[tuple[int, ...], torch.Generator], torch.Tensor]] = {
+    "zeros": lambda shape, g: torch.zeros(shape),
+    "ones": lambda shape, g: torch.ones(shape),
+    "identity": lambda shape, g: torch.eye(*shape),
+    "normal": lambda shape, g: torch.randn(shape, generator=g) * 0.02,
+    "orthogonal": _orthogonal,
+}
+
+
 def initial_tensor(init: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """A fresh tensor for an MoE block's own parameter: normal, zeros, ones, identity, orthogonal or a constant.
+    """A fresh tensor for an MoE block's own parameter: one of :data:`INITS`, or a number (a constant).
 
         >>> initial_tensor("zeros", (2,), torch.Generator()).tolist()
         [0.0, 0.0]
     """
-    if init == "zeros":
-        return torch.zeros(shape)
-    if init == "ones":
-        return torch.ones(shape)
-    if init == "identity":
-        return torch.eye(*shape)
-    if init == "normal":
-        return torch.randn(shape, generator=g) * 0.02
-    if init == "orthogonal":
-        q, r = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=g))
-        q = q * torch.sign(torch.diagonal(r))
-        return q if shape[0] >= shape[1] else q.T
-    return torch.full(shape, float(init))
+    make = INITS.get(init)
+    return make(shape, g) if make is not None else torch.full(shape, float(init))
 
 
 def channel_block(t: torch.Tensor, role: str, block: int, width: int) -> torch.Tensor:

@@ -14,37 +14,61 @@ import math
 import re
 import shutil
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ckptforge.calibration import missing_calibration_message, needed_stats
+from ckptforge.calibration_needs import missing_calibration_message, needed_stats
 from ckptforge.consistency import bound_problems, weight_problems
 from ckptforge.config import DTYPES, ROUTER_SETTINGS, UpcycleOptions, parse_layers, router_problems
 from ckptforge.errors import DiskSpaceError, PlanError, UsageError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
-from ckptforge.io.source import DenseCheckpoint
-from ckptforge.moe import active_expert_params, moe_tensor_layout
+from ckptforge.io.source import DenseCheckpoint, dtype_itemsize, torch_dtype
+from ckptforge.moe.layout import MoETensorLayout, active_expert_params, moe_tensor_layout
 from ckptforge.strategies import STRATEGIES
+
+if TYPE_CHECKING:  # the plan names dtypes; torch loads only when a tensor is made
+    import torch
 
 _LAYER_OF = re.compile(r"layers?\.(\d+)\.")
 _HEADER_ALLOWANCE = 1 << 20  # per shard, for the safetensors JSON header
+
+
+class TensorOp(str, Enum):
+    """How the executor makes a planned tensor: one handler each (``ckptforge.execute._LayerMaker``)."""
+
+    COPY = "copy"  #: the source tensor ``source`` as stored (cast to the planned dtype)
+    EXPERT = "expert"  #: cut from the layer's dense FFN by the strategy's selection (see ``role``, ``group``)
+    ROUTER = "router"  #: a router weight, as ``--router-init`` asks
+    ZEROS = "zeros"  #: zeros (e.g. a zero shared expert that keeps the dense function)
+    INIT = "init"  #: a fresh MoE-block parameter, initialised as ``role`` names (``MoETensorLayout.extras``)
+
+
+@dataclass(frozen=True)
+class MoELayerPlan:
+    """What the executor follows for one MoE layer: its block's tensor layout (expert groups and how
+    many experts the strategy recycles) and ``down_scale``, the strategy's output scale folded into
+    the expert down weights (1.0 when the output config stores it as ``moe_output_scale``)."""
+
+    layout: MoETensorLayout
+    down_scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
     """One output tensor and how to make it.
 
-    ``op``: ``copy`` (from ``source``), ``expert`` (role of expert ``expert``, or all experts
-    stacked when ``expert`` is None), ``router`` or ``zeros``.
+    ``op`` (:class:`TensorOp`): ``copy`` (from ``source``), ``expert`` (role of expert ``expert``, all
+    experts stacked when ``expert`` is None, or the expert group ``group`` of a runtime block),
+    ``router``, ``zeros`` or ``init``. ``dtype_name`` is the torch dtype's
+    name (``float32``); :attr:`dtype` is the dtype itself (imports torch).
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    op: str
+    dtype_name: str
+    op: TensorOp
     source: str | None = None
     layer: int | None = None
     role: str | None = None
@@ -52,12 +76,16 @@ class PlannedTensor:
     group: str | None = None
 
     @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * dtype_itemsize(self.dtype_name)
 
 
 @dataclass
@@ -78,6 +106,8 @@ class Plan:
     dropped: list[str] = field(default_factory=list)
     free_bytes: int | None = None
     teacher: dict[str, Any] | None = None  # issue 13: cross-size recycling
+    #: MoE layer → its block layout and folded output scale (issue 12: the executor never recomputes them).
+    moe: dict[int, MoELayerPlan] = field(default_factory=dict)
 
     @property
     def params_total(self) -> int:
@@ -86,7 +116,7 @@ class Plan:
     @property
     def params_active(self) -> int:
         """Parameters one token uses: the dense parts, plus the share of the experts its router
-        type gives it (k/E for top-k; see :data:`ckptforge.moe.layer.ROUTERS`)."""
+        type gives it (k/E for top-k; see :data:`ckptforge.moe.layout.ROUTER_LAYOUTS`)."""
         o = self.options
         expert = sum(t.numel for t in self.tensors if t.op == "expert")
         return self.params_total - expert + active_expert_params(self.output_config.get("moe_router"), expert,
@@ -129,7 +159,7 @@ class Plan:
             "dropped_tensors": self.dropped,
             "teacher": self.teacher,
             "moe_tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype_name}
                 for t in self.tensors if t.op in ("expert", "router")
             ],
         }
@@ -184,14 +214,22 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
         extra_config=family.extra_config(config, prefix, set(canonical)),
     )
     out_config = family.output_config(config, fmt, layout)
-    tensors, dropped = _lay_out(ckpt, family, fmt, dims, prefix, canonical, moe_layers, options,
-                                expert_width, out_config)
+    moe = _moe_layer_plans(layout, dims.hidden_size, out_config)
+    tensors, dropped = _lay_out(ckpt, family, fmt, dims, prefix, canonical, moe, options, out_config)
     plan = Plan(ckpt.source, family.name, fmt, dims, moe_layers, options, expert_width, prefix,
                 out_config, tensors, _shard(tensors, options.shard_size), dropped,
-                teacher=teacher.to_dict() if teacher else None)
+                teacher=teacher.to_dict() if teacher else None, moe=moe)
     if out is not None:
         _check_free_disk(plan, out)
     return plan
+
+
+def _moe_layer_plans(layout: MoELayout, hidden_size: int, out_config: dict[str, Any]) -> dict[int, MoELayerPlan]:
+    """Each MoE layer's block layout and the output scale its down weights carry: folded in when the
+    output config cannot store it (stock Mixtral / Qwen2-MoE have no ``moe_output_scale``)."""
+    tensors = moe_tensor_layout(layout.router, hidden_size, layout.num_experts, layout.expert_width)
+    down_scale = 1.0 if "moe_output_scale" in out_config else layout.output_scale
+    return {layer: MoELayerPlan(tensors, down_scale) for layer in layout.moe_layers}
 
 
 def _strategy_check(options: UpcycleOptions, dims: Dims) -> tuple[Any, int, list[str]]:
@@ -267,28 +305,31 @@ def _missing_ffn(family: Family, prefix: str, moe_layers: list[int], canonical: 
 
 
 def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dims, prefix: str,
-             canonical: dict[str, str], moe_layers: list[int], options: UpcycleOptions,
-             expert_width: int, out_config: dict[str, Any]) -> tuple[list[PlannedTensor], list[str]]:
-    forced = getattr(torch, DTYPES[options.dtype]) if DTYPES[options.dtype] else None
-    ffn_of = {layer: family.ffn_names(prefix, layer) for layer in moe_layers}
+             canonical: dict[str, str], moe: dict[int, MoELayerPlan], options: UpcycleOptions,
+             out_config: dict[str, Any]) -> tuple[list[PlannedTensor], list[str]]:
+    forced = DTYPES[options.dtype]
+    ffn_of = {layer: family.ffn_names(prefix, layer) for layer in moe}
     moe_ffn = {name for names in ffn_of.values() for name in names.values()}
     tensors: list[PlannedTensor] = []
-    for layer in moe_layers:
-        ffn_dtype = forced or ckpt.tensors[canonical[ffn_of[layer]["up"]]].dtype
+    for layer, block in moe.items():
+        ffn_dtype = forced or ckpt.tensors[canonical[ffn_of[layer]["up"]]].dtype_name
         e, d = options.num_experts, dims.hidden_size
         if fmt.moe_module is not None:
             has_bias = {role: ffn_of[layer].get(role) in canonical for role in ("up_bias", "down_bias")}
-            tensors += _runtime_block(fmt, layer, options, d, expert_width, ffn_dtype, has_bias)
+            tensors += _runtime_block(fmt, layer, block.layout, ffn_dtype, has_bias)
             continue
-        tensors.append(PlannedTensor(fmt.router.format(layer=layer), (e, d), ffn_dtype, "router", layer=layer))
+        expert_width = block.layout.groups[0].width
+        tensors.append(PlannedTensor(fmt.router.format(layer=layer), block.layout.router_shape, ffn_dtype,
+                                     TensorOp.ROUTER, layer=layer))
         for name, role, expert in fmt.expert_names(layer, e):
             if role.endswith("bias") and ffn_of[layer].get(role) not in canonical:
                 continue
             shape = ROLE_SHAPES[role](expert_width, d)
             shape = shape if expert is not None else (e, *shape)
-            tensors.append(PlannedTensor(name, shape, ffn_dtype, "expert", layer=layer, role=role, expert=expert))
+            tensors.append(PlannedTensor(name, shape, ffn_dtype, TensorOp.EXPERT, layer=layer, role=role, expert=expert))
         for template, shape_of in fmt.zeros.items():
-            tensors.append(PlannedTensor(template.format(layer=layer), shape_of(d), ffn_dtype, "zeros", layer=layer))
+            tensors.append(PlannedTensor(template.format(layer=layer), shape_of(d), ffn_dtype, TensorOp.ZEROS,
+                                         layer=layer))
     wanted = _expected_names(fmt, out_config)
     out_prefix = family.output_prefix(ckpt.config, out_config)
     used: set[str] = set()
@@ -300,7 +341,7 @@ def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dim
         if wanted is not None and name not in wanted:
             continue
         info = ckpt.tensors[stored]
-        tensors.append(PlannedTensor(name, info.shape, forced or info.dtype, "copy", source=stored))
+        tensors.append(PlannedTensor(name, info.shape, forced or info.dtype_name, TensorOp.COPY, source=stored))
         used.add(canon)
     planned = {t.name for t in tensors}
     if wanted is not None and (absent := sorted(wanted - planned)):
@@ -309,31 +350,32 @@ def _lay_out(ckpt: DenseCheckpoint, family: Family, fmt: OutputFormat, dims: Dim
     return tensors, sorted(set(canonical) - used)
 
 
-def _runtime_block(fmt: OutputFormat, layer: int, options: UpcycleOptions, d: int, expert_width: int,
-                   dtype: torch.dtype, has_bias: dict[str, bool]) -> list[PlannedTensor]:
-    """The tensors of one ckptforge runtime MoE block, as its router type lays them out."""
-    layout = moe_tensor_layout(options.router, d, options.num_experts, expert_width)
+def _runtime_block(fmt: OutputFormat, layer: int, layout: MoETensorLayout, dtype: str,
+                   has_bias: dict[str, bool]) -> list[PlannedTensor]:
+    """The tensors of one ckptforge runtime MoE block, as its router type lays them out (``layout``)."""
     module = fmt.moe_module.format(layer=layer)
     out = []
     if layout.router_shape is not None:
-        out.append(PlannedTensor(module + "router.weight", layout.router_shape, dtype, "router", layer=layer))
+        out.append(PlannedTensor(module + "router.weight", layout.router_shape, dtype, TensorOp.ROUTER, layer=layer))
     for group in layout.groups:
         for template, role in fmt.experts.items():
             if role.endswith("bias") and not has_bias[role]:
                 continue
             name = module + group.name + "." + template.rsplit(".", 1)[-1]
             shape = (group.count, *ROLE_SHAPES[role](group.width, group.in_dim))
-            out.append(PlannedTensor(name, shape, dtype, "expert", layer=layer, role=role, group=group.name))
+            out.append(PlannedTensor(name, shape, dtype, TensorOp.EXPERT, layer=layer, role=role, group=group.name))
     for name, (shape, init) in layout.extras.items():
-        out.append(PlannedTensor(module + name, shape, dtype, "init",
-                                 layer=layer, role=str(init)))
+        out.append(PlannedTensor(module + name, shape, dtype, TensorOp.INIT, layer=layer, role=str(init)))
     return out
 
 
 def _expected_names(fmt: OutputFormat, out_config: dict[str, Any]) -> set[str] | None:
-    """For ckptforge's own formats: the exact tensor names the modeling class declares."""
+    """For ckptforge's own formats: the exact tensor names the modeling class declares (from the
+    config when the format knows them, else from the class built on the meta device)."""
     if fmt.remote_module is None:
         return None
+    if fmt.state_names is not None:
+        return fmt.state_names(out_config)
     from ckptforge.loading import state_names
 
     return state_names(out_config)

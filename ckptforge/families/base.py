@@ -137,6 +137,9 @@ class OutputFormat:
     auto_classes: dict[str, str] = field(default_factory=dict)
     #: Which layers of a config of this format are MoE.
     moe_layer_rule: Any = sparse_step_moe_layers
+    #: ckptforge's own formats: config.json → the tensor names its modeling class saves, without torch
+    #: (:mod:`ckptforge.families.state_names`); None: not known without building the class.
+    state_names: Any = None
 
     def moe_layers(self, config: dict[str, Any]) -> list[int]:
         """The MoE layers of ``config`` (a config.json of this format).

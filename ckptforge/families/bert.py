@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .encoder import EncoderFamily, encoder_format
+from .state_names import bert_moe_names
 
 
 class BertFamily(EncoderFamily):
@@ -22,6 +23,7 @@ class BertFamily(EncoderFamily):
                       "AutoModelForMaskedLM": "BertMoEForMaskedLM"},
         pipelines={"BertMoEForSequenceClassification": "text-classification", "BertMoEModel": "feature-extraction",
                    "BertMoEForMaskedLM": "fill-mask"},
+        state_names=bert_moe_names,
     )
     architectures = {
         "BertForSequenceClassification": ("BertMoEForSequenceClassification", "bert."),

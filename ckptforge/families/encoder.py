@@ -29,11 +29,11 @@ def _templates(prefix: str) -> dict[str, Any]:
 
 
 def encoder_format(name: str, family: str, *, config_class: str, auto_classes: dict[str, str],
-                   pipelines: dict[str, str]) -> OutputFormat:
+                   pipelines: dict[str, str], state_names: Any) -> OutputFormat:
     """A ckptforge-modeling output format (``vit_moe``, ``bert_moe``), tensor names without a base prefix."""
     return OutputFormat(name=name, packed=True, remote_module=name, family=family, pipelines=pipelines,
                         config_class=config_class, auto_classes=auto_classes, moe_layer_rule=listed_moe_layers,
-                        **_templates(""))
+                        state_names=state_names, **_templates(""))
 
 
 class EncoderFamily(Family):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .encoder import EncoderFamily, encoder_format
+from .state_names import vit_moe_names
 
 _LAYER = r"(^|\.)layers\.(\d+)\."
 
@@ -27,6 +28,7 @@ class ViTFamily(EncoderFamily):
         "vit_moe", "vit", config_class="ViTMoEConfig",
         auto_classes={"AutoModel": "ViTMoEModel", "AutoModelForImageClassification": "ViTMoEForImageClassification"},
         pipelines={"ViTMoEForImageClassification": "image-classification", "ViTMoEModel": "image-feature-extraction"},
+        state_names=vit_moe_names,
     )
     architectures = {
         "ViTForImageClassification": ("ViTMoEForImageClassification", "vit."),

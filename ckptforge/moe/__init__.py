@@ -14,8 +14,8 @@ from typing import Any
 #: public name → the submodule that defines it.
 _PUBLIC = {
     "StackedExperts": "experts",
-    "ROUTER_TYPES": "layer", "MoEFeedForward": "layer", "active_expert_params": "layer",
-    "build_moe_layer": "layer", "exact_routing": "layer", "moe_tensor_layout": "layer",
+    "ROUTER_TYPES": "layer", "MoEFeedForward": "layer", "active_expert_params": "layout",
+    "build_moe_layer": "layer", "exact_routing": "layout", "moe_tensor_layout": "layout",
     "MultiHeadMoEFeedForward": "multihead",
     "ExpertChoiceRouter": "routers", "Routing": "routers", "TopKRouter": "routers",
     "SlotRouter": "soft", "SoftMoEFeedForward": "soft", "entmax15": "soft",

@@ -10,14 +10,14 @@ diagonal zeroed), sparsified and partitioned with METIS (:mod:`.graph`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a strategy selects units, not when a plan reads its metadata
+    import torch
 
 from ckptforge.strategy_settings import CoactivationSettings
 
 from .base import DenseFFN, ExpertInit, LayerSelection
-from .graph import partition_units
 from .subset import SubsetStrategy
 
 
@@ -43,6 +43,10 @@ class Coactivation(SubsetStrategy):
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
+        import torch
+
+        from .graph import partition_units  # pymetis, torch: loaded when units are partitioned
+
         d_ff = ffn.intermediate_size
         nparts = self.num_parts(params, num_experts, d_ff)
         parts = partition_units(stats.coactivation, nparts)

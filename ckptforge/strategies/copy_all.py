@@ -7,9 +7,10 @@ hidden units, r = 0.5 in the paper).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a strategy selects units, not when a plan reads its metadata
+    import torch
 
 from ckptforge.strategy_settings import CopyAllSettings
 
@@ -27,6 +28,8 @@ class CopyAll(Strategy):
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
+        import torch
+
         d_ff, settings = ffn.intermediate_size, self.settings_of(params)
         units = torch.arange(d_ff)
         n_redraw = round(settings.drop_ratio * d_ff)

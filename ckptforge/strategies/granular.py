@@ -9,9 +9,10 @@ is scaled (``output_scale``, default k; ``G`` gives an unbiased output under uni
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a strategy selects units, not when a plan reads its metadata
+    import torch
 
 from ckptforge.strategy_settings import GranularSettings
 
@@ -46,6 +47,8 @@ class Granular(SubsetStrategy):
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
+        import torch
+
         width = self.expert_width(params, ffn.intermediate_size, num_experts)
         slices = ffn.intermediate_size // width
         experts = [ExpertInit(torch.arange((e % slices) * width, (e % slices + 1) * width)) for e in range(num_experts)]

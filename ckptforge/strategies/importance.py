@@ -3,6 +3,7 @@
 calibration data, from the weights (``score``: see :data:`DATA_FREE_SCORES`); p = s/Σs; each
 expert draws S units with ``multinomial(p, S, replacement=False)``, sorted.
 
+    >>> import torch
     >>> p = importance_probabilities(torch.tensor([1.0, 3.0]))
     >>> p.tolist()
     [0.25, 0.75]
@@ -10,9 +11,10 @@ expert draws S units with ``multinomial(p, S, replacement=False)``, sorted.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch loads when a strategy selects units, not when a plan reads its metadata
+    import torch
 
 from ckptforge.strategy_settings import DATA_FREE_SCORE_NAMES, ImportanceSettings
 
@@ -21,6 +23,8 @@ from .subset import SubsetStrategy
 
 
 def _row_norms(ffn: DenseFFN, *roles: str) -> torch.Tensor:
+    import torch
+
     out = torch.ones(ffn.intermediate_size, dtype=torch.float64)
     for role in roles:
         if role in ffn.weights:
@@ -46,6 +50,8 @@ DEFAULT_DATA_FREE_SCORE = ImportanceSettings.data_free_score
 
 def importance_probabilities(scores: torch.Tensor) -> torch.Tensor:
     """p = s/Σs in float64 (uniform when every score is zero)."""
+    import torch
+
     s = scores.double().clamp(min=0)
     total = s.sum()
     return s / total if total > 0 else torch.full_like(s, 1 / s.numel())
@@ -76,6 +82,8 @@ class Importance(SubsetStrategy):
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
+        import torch
+
         d_ff = ffn.intermediate_size
         width, settings = self.expert_width(params, d_ff, num_experts), self.settings_of(params)
         score, metric = settings.score, settings.metric

@@ -1,6 +1,7 @@
 """random: each expert draws S hidden units independently (``randperm``), so experts overlap;
 ``mode=partition`` instead splits one random permutation into E disjoint sets that cover d_ff.
 
+    >>> import torch
     >>> g = torch.Generator().manual_seed(0)
     >>> sel = Random().select(DenseFFN({"up": torch.zeros(8, 4)}), 2, {"mode": "partition"}, None, g)
     >>> sorted(torch.cat([e.units for e in sel.experts]).tolist()) == list(range(8))
@@ -9,9 +10,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a strategy selects units, not when a plan reads its metadata
+    import torch
 
 from ckptforge.strategy_settings import RandomSettings
 
@@ -26,6 +28,8 @@ class Random(SubsetStrategy):
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
                generator: torch.Generator) -> LayerSelection:
+        import torch
+
         d_ff = ffn.intermediate_size
         width = self.expert_width(params, d_ff, num_experts)
         if self.is_partition(params):

@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a strategy selects units, not when a plan reads its metadata
+    import torch
 
 from ckptforge.strategy_settings import UniformSettings
 
@@ -24,6 +25,8 @@ class Uniform(SubsetStrategy):
 
     def units(self, intermediate_size: int, width: int) -> torch.Tensor:
         """The evenly spaced unit indices (unique, sorted)."""
+        import torch
+
         return torch.linspace(0, intermediate_size - 1, width, dtype=torch.float64).round().long().unique()
 
     def select(self, ffn: DenseFFN, num_experts: int, params: dict[str, Any], stats: Any,
