@@ -24,12 +24,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckptforge.errors import PlanError, SourceError
 from ckptforge.io.source import AUX_FILE_PATTERNS, DenseCheckpoint, TensorInfo, open_checkpoint, read_json_object
+
+if TYPE_CHECKING:
+    import torch
 
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 #: Attention tensors by name (ViT/BERT ``query``, LLaMA/Qwen ``q_proj``, …) → their axis kinds.
@@ -101,6 +102,7 @@ def head_problems(student: Heads, teacher: Heads) -> list[str]:
 def _meta_tensors(config: dict[str, Any], teacher: DenseCheckpoint) -> dict[str, tuple[int, ...]]:
     """Name → shape of every stored tensor of ``config``'s transformers class (tied ones once),
     named as the teacher stores it (transformers' legacy or current names: the family's renames)."""
+    import torch
     import transformers
 
     from ckptforge.families import detect_family
@@ -180,6 +182,8 @@ class SlicedStudent(DenseCheckpoint):
         return t.contiguous()
 
     def _indices(self, kind: str, name: str, size: int) -> torch.Tensor:
+        import torch
+
         if kind == "d":
             if self.channels is None:
                 raise PlanError(["the student's channels are chosen from calibration statistics; pass --calibration"])
@@ -261,6 +265,8 @@ def _dense_units(teacher: DenseCheckpoint, layer: int, count: int) -> torch.Tens
 
 def _head_indices(teacher: DenseCheckpoint, layer: int, s: Heads, t: Heads) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row indices of the kept query heads and key/value heads (with their kept dims)."""
+    import torch
+
     from ckptforge.cross_size import top_channels
 
     mine = [n for n in teacher.tensors if _LAYER.search(n) and _LAYER.search(n).group(1) == str(layer)]
