@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         ours = work / f"ours-{mode}"
         shutil.rmtree(ours, ignore_errors=True)
         row = {"size": args.size, "gate_mode": mode, "base_bytes": dir_bytes(base)}
+        warm([base, *sources])
         row["ckptforge"] = timed([sys.executable, "-m", "ckptforge", "upcycle", "--config", str(cfg), "--out", str(ours), "-q"])
         row["out_bytes"] = dir_bytes(ours)
         if args.memory_cap and mode == "hidden":
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if args.mergekit:
             theirs = work / f"mergekit-{mode}"
             shutil.rmtree(theirs, ignore_errors=True)
+            warm([base, *sources])
             row["mergekit"] = timed([args.mergekit, str(cfg), str(theirs), "--device", "cpu"])
             row.update(compare(ours, theirs, s["layers"]))
             if mode not in ("hidden", "hidden_avg", "cheap_embed"):
@@ -157,6 +159,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def warm(models: list[Path]) -> None:
+    """Read every model file once, so that each tool starts with the sources in the page cache (a
+    run after mergekit's 9 GB would otherwise read them cold from disk, one before it warm)."""
+    for model in models:
+        for f in sorted(model.iterdir()):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(64 << 20):
+                        pass
 
 
 CGROUP = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller
