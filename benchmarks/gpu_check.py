@@ -65,7 +65,7 @@ def mixtral(device: str, work: Path, tiny: bool) -> dict:
 def summary(out: Path) -> dict:
     """Collect the step outputs under ``out`` into gpu_check.json and gpu_check.md."""
     parts = {}
-    for name in ("environment", "moe_layer", "finetune", "mixtral"):
+    for name in ("environment", "moe_layer", "finetune", "mixtral", "fsdp"):
         f = out / f"{name}.json"
         parts[name] = json.loads(f.read_text()) if f.is_file() and f.stat().st_size else {"missing": True}
     (out / "gpu_check.json").write_text(json.dumps(parts, indent=2) + "\n")
@@ -89,6 +89,12 @@ def summary(out: Path) -> dict:
                   f"`ckptforge verify` (fp32, CPU): exit {mx['verify_cli']['exit_code']}, passed {mx['verify_cli']['passed']}", "",
                   "| backend on device | relative L2 of logits | max abs |", "|---|---|---|"]
         lines += [f"| {b} | {v['relative_l2']:.2e} | {v['max_abs']:.2e} |" for b, v in mx["device_check"].items()]
+    fsdp = parts["fsdp"]
+    if "recovery" in fsdp:
+        lines += ["", "## The same finetune under FSDP (accelerate config benchmarks/accelerate_fsdp.yaml)", "",
+                  "| run | initial | final | throughput |", "|---|---|---|---|"]
+        lines += [f"| {n} | {v['initial']:.4f} | {v['final']:.4f} | {v['throughput']:,.1f} {v['unit']} |"
+                  for n, v in fsdp["recovery"]["runs"].items()]
     missing = [n for n, p in parts.items() if p.get("missing")]
     if missing:
         lines += ["", f"Steps without output (failed or timed out): {', '.join(missing)}; see the logs beside this file."]

@@ -11,6 +11,8 @@
 #   3. a bf16 Mixtral conversion of a small LLaMA: `ckptforge verify` (fp32 on CPU: verify has no
 #      device option) and dense vs MoE logits on the GPU in bf16 with transformers' eager and
 #      grouped_mm experts                                                  → mixtral.json
+#   4. the same finetune under FSDP (benchmarks/accelerate_fsdp.yaml, one process; accelerate runs
+#      FSDP only on GPUs, so on a CPU this step logs finetune's one-line refusal)        → fsdp.json
 # and writes gpu_check.json + gpu_check.md (the table for docs/benchmarks.md) in OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,4 +48,7 @@ step finetune_demo 120 bash -c "python -m ckptforge finetune '$WORK/tiny-vit-moe
   --device $DEVICE --precision $PRECISION --report '$WORK/finetune' --json > '$OUT_DIR/finetune.json'"
 step mixtral 90 python benchmarks/gpu_check.py mixtral --device "$DEVICE" --work "$WORK" --out "$OUT_DIR" \
   "${MIXTRAL_ARGS[@]}"
+step fsdp_finetune 120 bash -c "accelerate launch --config_file benchmarks/accelerate_fsdp.yaml -m ckptforge finetune \
+  '$WORK/tiny-vit-moe' --data examples/mnist-samples --steps $STEPS --eval-every $EVAL_EVERY --lr 1e-3 --batch-size 32 \
+  --device $DEVICE --precision $PRECISION --report '$WORK/fsdp' --json > '$OUT_DIR/fsdp.json'"
 python benchmarks/gpu_check.py summary --out "$OUT_DIR"

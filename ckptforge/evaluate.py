@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ckptforge import __version__
+from ckptforge.version import __version__
 from ckptforge.calibration import dense_weights_path
 from ckptforge.config import ROUTER_SETTINGS
 from ckptforge.datasets import TASKS, TaskData, load_task_data, task_for

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptforge import __version__
+from ckptforge.version import __version__
 from ckptforge.datasets import TaskData, load_task_data, task_for
 from ckptforge.errors import PlanError, SourceError, UsageError
 from ckptforge.io.paths import check_output, check_writable, local_paths, refuse_overlap

@@ -2,9 +2,13 @@
 an import (issue 11). Standard library only: it runs before anything heavy is imported.
 
 The ``ckptforge`` console script and ``python -m ckptforge`` install :func:`quiet_start_up` as
-the first thing the package does; :func:`ckptforge.cli.main` puts Python's own handler back, so
+the first thing the package does; :func:`ckptforge.cli.main` then installs :func:`_interrupt`, so
 from then on Ctrl-C raises KeyboardInterrupt, cleans up (temporary output directories) and the
-CLI reports it in one line.
+CLI reports it in one line — except while a module is being imported (commands import torch and
+transformers lazily): libraries turn an exception raised inside their imports into an ImportError
+(numpy: "cannot load module more than once per process"; transformers: "Could not import module"),
+so there the handler removes what ckptforge is writing (:func:`cleanup_on_interrupt`) and exits 130
+with one line, as during start-up.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 #: The exit status of an interrupted run (the shell's 128 + SIGINT).
 INTERRUPTED = 130
@@ -22,6 +28,41 @@ def _exit_quietly(signum: int, frame: object) -> None:
     sys.stderr.write("error: interrupted\n")
     sys.stderr.flush()
     os._exit(INTERRUPTED)  # nothing has been written yet; unwinding an import would print a traceback
+
+
+#: What to undo when Ctrl-C ends the process without unwinding (a temporary output directory).
+_CLEANUPS: list[Callable[[], None]] = []
+
+
+@contextmanager
+def cleanup_on_interrupt(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Run ``cleanup`` if Ctrl-C ends the process while this block runs (during an import, where
+    unwinding is not possible); on a normal exit or an exception the caller cleans up itself."""
+    _CLEANUPS.append(cleanup)
+    try:
+        yield
+    finally:
+        _CLEANUPS.remove(cleanup)
+
+
+def _importing(frame: object) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):  # type: ignore[attr-defined]
+            return True
+        frame = frame.f_back  # type: ignore[attr-defined]
+    return False
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C once the command runs: KeyboardInterrupt, or a quiet exit inside an import."""
+    if not _importing(frame):
+        raise KeyboardInterrupt
+    for cleanup in reversed(_CLEANUPS):
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001 — the process is ending; the next run removes stale outputs
+            pass
+    _exit_quietly(signum, frame)
 
 
 def _is_cli() -> bool:
@@ -40,6 +81,7 @@ def quiet_start_up() -> None:
 
 
 def restore() -> None:
-    """Python's own Ctrl-C handler (KeyboardInterrupt) again, if :func:`quiet_start_up` replaced it."""
+    """Ctrl-C raises KeyboardInterrupt again (except inside an import, see above), if
+    :func:`quiet_start_up` replaced Python's handler."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _exit_quietly:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _interrupt)

@@ -118,7 +118,7 @@ class Plan:
         """Parameters one token uses: the dense parts, plus the share of the experts its router
         type gives it (k/E for top-k; see :data:`ckptforge.moe.layout.ROUTER_LAYOUTS`)."""
         o = self.options
-        expert = sum(t.numel for t in self.tensors if t.op == "expert")
+        expert = sum(t.numel for t in self.tensors if t.op == TensorOp.EXPERT)
         return self.params_total - expert + active_expert_params(self.output_config.get("moe_router"), expert,
                                                                  o.num_experts, o.top_k)
 

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ckptforge.interrupt import cleanup_on_interrupt
 from ckptforge.io.paths import check_output
 
 _DTYPE_CODES = {
@@ -291,9 +292,12 @@ class AtomicOutput:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
+        self._on_interrupt = cleanup_on_interrupt(lambda: shutil.rmtree(self.tmp, ignore_errors=True))
+        self._on_interrupt.__enter__()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._on_interrupt.__exit__(None, None, None)
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return

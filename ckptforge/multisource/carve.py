@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ckptforge import __version__
+from ckptforge.version import __version__
 from ckptforge.calibration_data import load_calibration
 from ckptforge.card import render_card
 from ckptforge.config import UpcycleOptions
@@ -30,7 +30,7 @@ from ckptforge.families import detect_family
 from ckptforge.io.source import open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput
 from ckptforge.loading import copy_files
-from ckptforge.plan import Plan, PlannedTensor, build_plan
+from ckptforge.plan import Plan, PlannedTensor, TensorOp, build_plan
 from ckptforge.strategies.graph import partition_units
 
 from .plan import _with_shared_width, shared_role
@@ -103,14 +103,14 @@ class _Carver:
         self.units: dict[int, dict[str, Any]] = {}
 
     def __call__(self, t: PlannedTensor) -> Iterator[torch.Tensor] | None:
-        role = shared_role(t.name) if t.op == "zeros" else None
-        if t.op == "expert":
+        role = shared_role(t.name) if t.op == TensorOp.ZEROS else None
+        if t.op == TensorOp.EXPERT:
             ffn, units = self._load(t.layer)
             return iter([self._slice(ffn, units["experts"][t.expert], t.role, float(self.top_k)).to(t.dtype)])
         if role in ("gate", "up", "down"):
             ffn, units = self._load(t.layer)
             return iter([self._slice(ffn, units["shared"], role, 2.0).to(t.dtype)])
-        if t.op == "router" and self.plan.options.router_init == "normal":
+        if t.op == TensorOp.ROUTER and self.plan.options.router_init == "normal":
             g = generator_for(self.plan.options.seed, t.layer, "router")
             return iter([(torch.randn(t.shape, generator=g) * self.plan.options.router_init_std).to(t.dtype)])
         return None  # zeros (router with --router-init zeros, shared gate), copies

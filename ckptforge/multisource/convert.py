@@ -16,13 +16,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ckptforge import __version__
+from ckptforge.version import __version__
 from ckptforge.card import render_card
 from ckptforge.execute import generator_for, write_tensors
 from ckptforge.io.source import DenseCheckpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput
 from ckptforge.loading import copy_files
-from ckptforge.plan import PlannedTensor
+from ckptforge.plan import PlannedTensor, TensorOp
 
 from .gates import Gates, compute_gates
 from .plan import MultiSourcePlan, plan_multisource, shared_role
@@ -78,11 +78,11 @@ class ExpertPieces:
         self._canonical: dict[str, tuple[dict[str, str], str]] = {}
 
     def __call__(self, t: PlannedTensor) -> Iterator[torch.Tensor] | None:
-        if t.op == "expert":
+        if t.op == TensorOp.EXPERT:
             return iter([self._ffn(self.ms.spec.experts[t.expert], t.layer, t.role, t.dtype, ("expert", t.expert))])
-        if t.op == "router":
+        if t.op == TensorOp.ROUTER:
             return iter([self.gates.experts[t.layer].to(t.dtype)])
-        role = shared_role(t.name) if t.op == "zeros" and self.ms.spec.shared_experts else None
+        role = shared_role(t.name) if t.op == TensorOp.ZEROS and self.ms.spec.shared_experts else None
         if role == "shared_gate":
             rows = self.gates.shared[t.layer].float().mean(0, keepdim=True)
             return iter([rows.to(t.dtype)])
