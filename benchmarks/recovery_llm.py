@@ -93,7 +93,7 @@ def markdown(results: dict[str, dict[int, dict[str, Any]]], summary: dict[str, A
         "8 experts, top-2, every layer (stock Mixtral), then `ckptforge finetune MOE --compare DENSE` "
         f"(+ `--scratch` on seed(s) {', '.join(map(str, sorted(s for s, r in results.get('new', {}).items() if 'scratch' in r['runs']))) or '—'}) "
         f"with finetune's defaults: {st['steps']} steps, batch {st['batch_size']} × {first['data']['seq_len']} tokens, "
-        f"AdamW lr {st['lr']:g} ({st['schedule']}, warm-up {st['warmup_steps']}), aux weight {st['aux_weight']:g}, "
+        f"AdamW lr {st['lr']:g} ({st['schedule']}, warm-up {st['warmup_steps']}), aux weight {'the model' + chr(39) + 's' if st['aux_weight'] is None else format(st['aux_weight'], 'g')}, "
         f"gradient clipping {st['max_grad_norm']:g}. *new* text: `examples/stdlib-docstrings` (train.txt → eval.txt); "
         "*same* text: the example's own `pydoc_data.topics` training / held-out paragraphs. Loss in nats/token on "
         "the held-out file; tokens/s measured on a shared, busy 2-core CPU (compare only within a row group).", "",
