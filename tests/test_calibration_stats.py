@@ -48,3 +48,25 @@ def test_statistics_equal_the_plain_formulas(threshold, needs):
     if "centroids" in needs:
         torch.testing.assert_close(stats.input_sums, ref["input_sums"], rtol=1e-6, atol=1e-6)
     assert torch.equal(other.count, _plain([-a for a in batches], inputs, threshold)["count"])
+
+
+def test_blocked_coactivation_equals_the_full_product_read_midway_and_through_the_cache(tmp_path):
+    """Units in 4 blocks (only AᵀA's upper strips are computed): the counts read between batches,
+    after more batches, and back from a saved cache equal the plain product."""
+    from ckptforge.calibration import ActivationStats, coactivation_blocks, load_stats
+
+    n = 512
+    assert len(coactivation_blocks(n)) == 5
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(t, n, generator=g) for t in (40, 7, 33)]
+    stats = LayerStats(n, 4, needs={"scores", "coactivation"})
+    for i, a in enumerate(batches):
+        stats.update(a)
+        ref = _plain(batches[: i + 1], [torch.zeros(len(b), 4) for b in batches[: i + 1]], "zero")
+        assert torch.equal(stats.coactivation.double(), ref["co"]) and torch.equal(stats.count, ref["count"])
+    ActivationStats({1: stats}, {"samples": 3}, "k").save(tmp_path / "s.pt")
+    back = load_stats(tmp_path / "s.pt", "k").layer(1)
+    assert torch.equal(back.coactivation, stats.coactivation) and torch.equal(back.l1, stats.l1)
+    back.update(batches[0])  # a loaded cache keeps accumulating correctly
+    ref = _plain(batches + batches[:1], [torch.zeros(len(b), 4) for b in batches + batches[:1]], "zero")
+    assert torch.equal(back.coactivation.double(), ref["co"])
