@@ -42,7 +42,7 @@ def test_help_and_version_of_every_command_import_neither_torch_nor_transformers
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 codes[" ".join(argv)] = (main(argv), len(out.getvalue()))
         # issue 15: neither pydantic (typer coerces an absent --help through it) nor typer's rich help panels
-        heavy = ("torch", "transformers", "pydantic", "typer.rich_utils")
+        heavy = ("torch", "transformers", "pydantic", "typer.rich_utils", "rich")
         print(json.dumps({"codes": codes, "heavy": [m for m in heavy if m in sys.modules]}))
     """)
     assert result["heavy"] == [], f"--help imported {result['heavy']}"

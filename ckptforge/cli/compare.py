@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from .options import CalibBatchOpt, CalibSamplesOpt, JsonOpt, SeedOpt, emit_json, stdout
+from .options import CalibBatchOpt, CalibSamplesOpt, JsonOpt, SeedOpt, emit_json, stdout, rich_table
 from .options import ExpertsOpt, LayersOpt, TopKOpt  # issue 12
 from .settings_flags import STRATEGY_FLAGS, with_settings_flags
 
@@ -45,7 +44,7 @@ def compare(
 
 def render(report: Comparison) -> None:
     cal = report.calibration
-    table = Table("strategy", "width", "init gap", "overlap", "coverage", "seconds", title=(
+    table = rich_table("strategy", "width", "init gap", "overlap", "coverage", "seconds", title=(
         f"{report.source}: E={report.num_experts}, k={report.top_k}, layers {report.moe_layers}; "
         f"stats from {cal.get('samples')} samples of {cal.get('source')} ({report.stats_seconds:.1f} s), "
         f"gap on {report.heldout_samples} held out"))

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from .options import JsonOpt, QuietOpt, SeedOpt, emit_json, stdout
+from .options import JsonOpt, QuietOpt, SeedOpt, emit_json, stdout, rich_table
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
     from ckptforge.evaluate import EvalReport
@@ -47,9 +46,9 @@ def eval_model(
 
 
 def render_report(report: EvalReport) -> None:
-    table = Table("capacity C", "BPR", f"eval {report.metric}", "eval loss" if report.higher_is_better else "accuracy",
-                  "GFLOPs / example", "expert MFLOPs / example", "assignments kept",
-                  title=f"eval {report.model} on {report.data['source']} ({report.data['eval_examples']} examples)")
+    table = rich_table("capacity C", "BPR", f"eval {report.metric}", "eval loss" if report.higher_is_better else "accuracy",
+                       "GFLOPs / example", "expert MFLOPs / example", "assignments kept",
+                       title=f"eval {report.model} on {report.data['source']} ({report.data['eval_examples']} examples)")
     for r in report.rows:
         other = r.loss if report.higher_is_better else r.accuracy
         table.add_row(

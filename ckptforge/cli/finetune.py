@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Iterator
 
 import typer
-from rich.table import Table
 
-from .options import ForceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, show_progress, stderr, stdout
+from .options import ForceOpt, JsonOpt, QuietOpt, SeedOpt, emit_json, show_progress, stderr, stdout, rich_table
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
     from ckptforge.finetune import FinetuneReport
@@ -99,8 +98,8 @@ def _live(enabled: bool) -> Iterator[Any]:
 def render_report(report: FinetuneReport) -> None:
     rec = report.recovery
     metric = rec["metric"]
-    table = Table("run", f"{metric} at 0", f"final {metric}", f"best {metric}", "throughput",
-                  title=f"finetune {report.model_dir} ({report.device['name']}, {report.settings['steps']} steps)")
+    table = rich_table("run", f"{metric} at 0", f"final {metric}", f"best {metric}", "throughput",
+                       title=f"finetune {report.model_dir} ({report.device['name']}, {report.settings['steps']} steps)")
     for name, v in rec["runs"].items():
         table.add_row(name, f"{v['initial']:.4f}", f"{v['final']:.4f}", f"{v['best']:.4f}",
                       f"{v['throughput']:,.1f} {v['unit']}")

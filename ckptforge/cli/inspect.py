@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ckptforge.errors import UsageError
 
-from .options import JsonOpt, emit_json, stdout
+from .options import JsonOpt, emit_json, stdout, rich_table
 
 
 def inspect(
@@ -25,7 +24,7 @@ def inspect(
         if as_json:
             emit_json({"aliases": ALIASES})
         else:
-            table = Table("alias", "Hub id", title="source aliases")
+            table = rich_table("alias", "Hub id", title="source aliases")
             for name, repo in ALIASES.items():
                 table.add_row(name, repo)
             stdout.print(table)
@@ -36,7 +35,7 @@ def inspect(
     if as_json:
         emit_json(info)
         return
-    table = Table(show_header=False, title=f"inspect {source}")
+    table = rich_table(show_header=False, title=f"inspect {source}")
     for key, value in info.items():
         if key == "files":
             value = ", ".join(f"{n} ({s / 1e6:.1f} MB)" for n, s in value.items())

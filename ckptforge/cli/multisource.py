@@ -15,7 +15,7 @@ from ckptforge.multisource.recipe import spec_from_recipe
 from ckptforge.multisource.spec import DTYPE_NAMES, ExpertSpec, native_spec
 from ckptforge.multisource.verify import verify_multisource
 
-from .options import byte_progress, emit_json, fail_verification, show_progress, stderr, stdout
+from .options import byte_progress, emit_json, fail_verification, show_progress, stderr, stdout, rich_table
 
 if TYPE_CHECKING:
     from ckptforge.recipes import Recipe
@@ -178,9 +178,7 @@ def _spec(p: dict[str, Any], given: set[str], recipe: Recipe | None = None) -> M
 
 
 def _render(plan: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"plan: {plan['source']} → {plan['output_format']} ({plan['architecture']})", show_header=False)
+    table = rich_table(title=f"plan: {plan['source']} → {plan['output_format']} ({plan['architecture']})", show_header=False)
     ms = plan["multisource"]
     for key in ("num_layers", "hidden_size", "intermediate_size", "moe_layers", "num_experts", "top_k"):
         table.add_row(key, str(plan[key]))

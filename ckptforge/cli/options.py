@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator
 
 import typer
-from rich.console import Console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
@@ -33,8 +32,31 @@ StatsCacheOpt = Annotated[Path | None, typer.Option(
     "--stats-cache", help="File to save / reuse activation statistics (keyed by source + calibration).")]
 
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+class _Console:
+    """rich's Console, made on first use: importing rich costs ~25 ms of CPU, and a cold page cache
+    more, on every start-up, ``--help`` included (issue 15)."""
+
+    def __init__(self, **settings: Any):
+        self._settings: dict[str, Any] = settings
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._settings)
+        return getattr(self._console, name)
+
+
+stdout = _Console(soft_wrap=True)
+stderr = _Console(stderr=True, soft_wrap=True)
+
+
+def rich_table(*columns: str, **settings: Any) -> Any:
+    """A ``rich.table.Table`` (rich imported here, when a command prints one)."""
+    from rich.table import Table
+
+    return Table(*columns, **settings)
 
 
 def emit_json(payload: dict[str, Any]) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 
-from .options import JsonOpt, emit_json, stdout
+from .options import JsonOpt, emit_json, stdout, rich_table
 from .settings_flags import ROUTER_FLAGS, STRATEGY_FLAGS
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, not for --help
@@ -26,7 +25,7 @@ def list_recipes(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json({"recipes": [r.summary_dict() for r in recipes]})
         return
-    table = Table(title="recipes")
+    table = rich_table(title="recipes")
     table.add_column("name", no_wrap=True)
     for column in ("method", "paper", "summary"):
         table.add_column(column)

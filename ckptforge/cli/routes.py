@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from .options import JsonOpt, emit_json, stdout
+from .options import JsonOpt, emit_json, stdout, rich_table
 
 
 def routes(
@@ -26,7 +25,7 @@ def routes(
     if as_json:
         emit_json(report.to_dict())
         return
-    table = Table("token", *[f"layer {i}" for i in report.layers], title=f"routes ({report.router}) of {input_path}")
+    table = rich_table("token", *[f"layer {i}" for i in report.layers], title=f"routes ({report.router}) of {input_path}")
     for t, token in enumerate(report.tokens):
         table.add_row(token, *[str(r.top_expert[t]) for r in report.layers.values()])
     stdout.print(table)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ckptforge.errors import UsageError
 from ckptforge.config import SLOT_ROUTER_STRATEGY
@@ -14,7 +13,7 @@ from ckptforge.config import SLOT_ROUTER_STRATEGY
 from .push import push_output
 from .recipes import apply_recipe
 from .settings_flags import ROUTER_FLAGS, STRATEGY_FLAGS, router_choices, with_settings_flags
-from .options import CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, StatsCacheOpt
+from .options import CalibBatchOpt, CalibrationOpt, CalibSamplesOpt, StatsCacheOpt, rich_table
 from .options import (  # issue 12: shared with compare-strategies
     ExpertsOpt, LayersOpt, TopKOpt,
 )
@@ -172,7 +171,7 @@ def _report(result: Any, options: UpcycleOptions, push_to: str | None, as_json: 
 
 def render_plan(plan: Plan) -> None:
     d = plan.to_dict()
-    table = Table(title=f"plan: {d['source']} → {d['output_format']} ({d['architecture']})", show_header=False)
+    table = rich_table(title=f"plan: {d['source']} → {d['output_format']} ({d['architecture']})", show_header=False)
     for key in ("family", "num_layers", "hidden_size", "intermediate_size", "moe_layers", "num_experts",
                 "top_k", "expert_width", "strategy", "router", "router_init", "seed"):
         table.add_row(key, str(d[key]))
@@ -183,7 +182,7 @@ def render_plan(plan: Plan) -> None:
     if d["dropped_tensors"]:
         table.add_row("not carried", ", ".join(d["dropped_tensors"][:6]) + (" …" if len(d["dropped_tensors"]) > 6 else ""))
     stdout.print(table)
-    moe = Table("MoE tensor", "shape", "dtype", title="MoE tensors (first layer)")
+    moe = rich_table("MoE tensor", "shape", "dtype", title="MoE tensors (first layer)")
     first = plan.moe_layers[0] if plan.moe_layers else None
     for t in d["moe_tensors"]:
         if first is not None and (f"layers.{first}." in t["name"] or f"layer.{first}." in t["name"]):

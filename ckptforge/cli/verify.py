@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from ckptforge.errors import UsageError
 
-from .options import JsonOpt, QuietOpt, SeedOpt, TolOpt, emit_json, fail_verification, stdout
+from .options import JsonOpt, QuietOpt, SeedOpt, TolOpt, emit_json, fail_verification, stdout, rich_table
 
 if TYPE_CHECKING:  # the library (and torch) load when the command runs, not for --help
     from ckptforge.verify import VerifyReport
@@ -46,7 +45,7 @@ def verify(
 
 
 def render_report(report: VerifyReport) -> None:
-    table = Table("output", "max abs error", "relative error", title=f"verify {report.moe_dir} vs {report.against}")
+    table = rich_table("output", "max abs error", "relative error", title=f"verify {report.moe_dir} vs {report.against}")
     for layer, e in report.layers.items():
         table.add_row(f"layer {layer}", f"{e.max_abs:.3e}", f"{e.relative:.3e}")
     table.add_row("final", f"{report.final.max_abs:.3e}", f"{report.final.relative:.3e}")
