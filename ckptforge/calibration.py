@@ -36,15 +36,15 @@ from ckptforge.strategy_settings import CoactivationSettings
 NEEDS = ("scores", "coactivation", "centroids", "channels")
 
 
-def coactivation_blocks(n: int) -> list[int]:
-    """Boundaries of the unit blocks whose upper-triangle GEMMs give AᵀA: 4 blocks when ``n`` splits
-    into int8-GEMM-sized ones (10 of 16 blocks computed, 0.66–0.70× the full GEMM's time for ViT-B's
-    3072 units on this VM), else one.
+def coactivation_blocks(n: int, device: str | torch.device = "cpu") -> list[int]:
+    """Boundaries of the unit blocks whose upper-triangle GEMMs give AᵀA: on CPU 4 blocks when ``n``
+    splits into int8-GEMM-sized ones (10 of 16 blocks computed, 0.66–0.70× the full GEMM's time for
+    ViT-B's 3072 units on the 2-core VM), else one (one float GEMM on a GPU).
 
-        >>> coactivation_blocks(3072), coactivation_blocks(12)
-        ([0, 768, 1536, 2304, 3072], [0, 12])
+        >>> coactivation_blocks(3072), coactivation_blocks(12), coactivation_blocks(3072, "cuda")
+        ([0, 768, 1536, 2304, 3072], [0, 12], [0, 3072])
     """
-    k = 4 if n % 32 == 0 and n >= 512 else 1
+    k = 4 if n % 32 == 0 and n >= 512 and torch.device(device).type == "cpu" else 1
     return [n * i // k for i in range(k + 1)]
 
 
@@ -123,7 +123,7 @@ class LayerStats:
     @property
     def coactivation(self) -> torch.Tensor | None:
         """Σ AᵀA, diagonal zero (``None`` unless collected). :meth:`update` adds to the upper block
-        strips only; reading mirrors them below the diagonal once."""
+        strips only; reading mirrors them below the diagonal once (on a full product, a no-op)."""
         if self._co is not None and not self._co_mirrored:
             bounds = coactivation_blocks(self._co.shape[0])
             for lo, hi in zip(bounds, bounds[1:-1]):
@@ -166,7 +166,7 @@ class LayerStats:
         tau = 0.0 if self.threshold == "zero" else _percentile(a, 0.9)
         fired = torch.gt(a, tau, out=scratch(a.shape, torch.bool, a.device))
         if self._co is not None:  # AᵀA is symmetric: only its upper block strips are computed
-            bounds = coactivation_blocks(self._co.shape[0])
+            bounds = coactivation_blocks(self._co.shape[0], self._co.device)
             for lo, hi in zip(bounds, bounds[1:]):
                 counts = coactivation_counts(fired, lo, hi)
                 self.count[lo:hi] += counts[:, : hi - lo].diagonal().double()  # AᵀA's diagonal: firing counts
