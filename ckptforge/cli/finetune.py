@@ -85,7 +85,7 @@ def _live(enabled: bool) -> Iterator[Any]:
     tasks: dict[str, Any] = {}
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   "loss {task.fields[loss]:.4f}", "{task.fields[speed]:,.0f}/s", TimeRemainingColumn(),
-                  console=stderr) as bar:
+                  console=stderr.get()) as bar:
 
         def on_step(run: str, step: int, total: int, loss: float, speed: float) -> None:
             if run not in tasks:

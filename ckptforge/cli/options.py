@@ -40,12 +40,16 @@ class _Console:
         self._settings: dict[str, Any] = settings
         self._console: Any = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Any:
+        """The ``rich.console.Console`` itself (made now if need be), e.g. for ``Progress(console=...)``."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._settings)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
 
 
 stdout = _Console(soft_wrap=True)
@@ -86,6 +90,6 @@ def byte_progress(total: int, description: str, enabled: bool) -> Iterator[Any]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=True) as bar:
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=stderr.get(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
