@@ -1,12 +1,13 @@
 """Remote code as Hugging Face ships it: one ``configuration_<type>.py`` and one self-contained
 ``modeling_<type>.py`` beside the weights, generated from ckptforge's own sources.
 
-``modeling/configuration_<type>.py`` is copied as it is (it imports only transformers). The
-modeling file is ``modeling/<type>.py`` with every ckptforge module it imports (``common.py``, the
-``moe`` layers) inlined before it in dependency order: their relative imports are dropped (the
-names then live in one module), their absolute imports are gathered at the top, and the import of
-the configuration module stays relative, as in transformers' own remote-code repos. Standard
-library only; nothing here imports torch.
+Each file is bundled from one entry module: the configuration file from
+``modeling/configuration_<type>.py`` (with ``moe_config.py``, the MoE fields both configs share),
+the modeling file from ``modeling/<type>.py`` (with ``common.py`` and the ``moe`` layers). Every
+ckptforge module an entry imports is inlined before it in dependency order: their relative imports
+are dropped (the names then live in one module), their absolute imports are gathered at the top,
+and the modeling file's import of the configuration module stays relative, as in transformers' own
+remote-code repos. Standard library only; nothing here imports torch.
 
     >>> sorted(write_remote_code("vit_moe", Path("out/moe")))        # doctest: +SKIP
     ['configuration_vit_moe.py', 'modeling_vit_moe.py']
@@ -29,7 +30,7 @@ class RemoteCodeError(RuntimeError):
 def write_remote_code(module: str, out_dir: Path) -> list[str]:
     """Write ``configuration_<module>.py`` and ``modeling_<module>.py`` into ``out_dir``; their names."""
     config_name, modeling_name = f"{_SHIPPED_PREFIX}{module}.py", f"modeling_{module}.py"
-    (out_dir / config_name).write_text((_MODELING_DIR / config_name).read_text())
+    (out_dir / config_name).write_text(bundle(_MODELING_DIR / config_name))
     (out_dir / modeling_name).write_text(bundle(_MODELING_DIR / f"{module}.py"))
     return [config_name, modeling_name]
 

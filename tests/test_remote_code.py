@@ -52,7 +52,7 @@ def test_outputs_ship_one_configuration_and_one_modeling_file_that_load_without_
         recorded = json.loads((out / "ckptforge.json").read_text())["files"]
         for name in (f"configuration_{model_type}.py", f"modeling_{model_type}.py"):
             assert recorded[name] == sha256_file(out / name)
-        assert (out / f"configuration_{model_type}.py").read_text() == (MODELING / f"configuration_{model_type}.py").read_text()
+        assert (out / f"configuration_{model_type}.py").read_text() == bundle(MODELING / f"configuration_{model_type}.py")
         model = ckptforge.modeling.__dict__[config["architectures"][0]].from_pretrained(out).eval()
         torch.manual_seed(0)
         x = torch.randn(shape) if key == "pixel_values" else torch.randint(0, 100, shape)
@@ -66,6 +66,31 @@ def test_outputs_ship_one_configuration_and_one_modeling_file_that_load_without_
     for path, (module, logits) in json.loads(done.stdout.strip().splitlines()[-1]).items():
         assert module.startswith("transformers_modules")
         torch.testing.assert_close(torch.tensor(logits), expected[path], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["vit_moe", "bert_moe"])
+def test_configuration_bundle_holds_the_shared_moe_fields_and_imports_only_transformers(model_type):
+    tree = ast.parse(bundle(MODELING / f"configuration_{model_type}.py"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    assert imported | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} == {
+        "__future__", "dataclasses", "transformers"}
+    assert [n.name for n in tree.body if isinstance(n, ast.ClassDef)] == [
+        "MoEConfigFields", OUTPUT_FORMATS[model_type].config_class]
+
+
+def test_both_configs_take_the_moe_fields_from_one_class():
+    from dataclasses import fields
+
+    from ckptforge.modeling import BertMoEConfig, ViTMoEConfig
+    from ckptforge.modeling.moe_config import MoEConfigFields
+
+    moe = [(f.name, f.default) for f in fields(MoEConfigFields)]
+    for cls in (ViTMoEConfig, BertMoEConfig):
+        assert [(f.name, f.default) for f in fields(cls)][-len(moe):] == moe
+        config = cls(intermediate_size=96, moe_layers=(1,))
+        assert (config.moe_layers, config.expert_intermediate_size, config.moe_router) == (
+            [1], 96, {"type": "topk", "normalize": True})
 
 
 @pytest.mark.parametrize("model_type", ["vit_moe", "bert_moe"])

@@ -1,31 +1,17 @@
-"""Configuration of BERT-MoE (``model_type: bert_moe``): BertConfig plus the MoE layout.
+"""Configuration of BERT-MoE (``model_type: bert_moe``): BertConfig plus the MoE fields.
 
-Written as it is into every bert_moe output directory (``configuration_bert_moe.py``, the
-``AutoConfig`` entry of its ``auto_map``); imports only transformers.
+Bundled with :mod:`.moe_config` inlined into every bert_moe output directory
+(``configuration_bert_moe.py``, the ``AutoConfig`` entry of its ``auto_map``); imports only transformers.
 """
 
 from __future__ import annotations
 
 from transformers import BertConfig
 
+from .moe_config import MoEConfigFields
 
-class BertMoEConfig(BertConfig):
-    """BertConfig plus the MoE layout: which layers are MoE, experts, k, expert width, router."""
+
+class BertMoEConfig(MoEConfigFields, BertConfig):
+    """BertConfig plus the MoE layout (:class:`MoEConfigFields`)."""
 
     model_type = "bert_moe"
-
-    moe_layers: list[int] | None = None
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    expert_intermediate_size: int | None = None
-    moe_router: dict | None = None
-    moe_output_scale: float = 1.0
-    #: How the experts compute: auto | eager | grouped_mm (issue 15; see moe/experts.py).
-    experts_implementation: str = "auto"
-
-    def __post_init__(self, **kwargs):
-        self.moe_layers = list(self.moe_layers or [])
-        self.moe_router = dict(self.moe_router or {"type": "topk", "normalize": True})
-        if self.expert_intermediate_size is None:
-            self.expert_intermediate_size = self.intermediate_size
-        super().__post_init__(**kwargs)
