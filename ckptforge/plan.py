@@ -12,7 +12,6 @@ import dataclasses
 
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -21,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from ckptforge.calibration_needs import missing_calibration_message, needed_stats
 from ckptforge.consistency import bound_problems, weight_problems
 from ckptforge.config import DTYPES, ROUTER_SETTINGS, UpcycleOptions, parse_layers, router_problems
-from ckptforge.errors import DiskSpaceError, PlanError, UsageError
+from ckptforge.errors import PlanError, UsageError
 from ckptforge.families import Dims, Family, MoELayout, OutputFormat, detect_family
 from ckptforge.families.base import ROLE_SHAPES
+from ckptforge.io.paths import check_free_disk
 from ckptforge.io.source import DenseCheckpoint, dtype_itemsize, torch_dtype
 from ckptforge.moe.layout import MoETensorLayout, active_expert_params, moe_tensor_layout
 from ckptforge.strategies import STRATEGIES
@@ -220,7 +220,7 @@ def build_plan(ckpt: DenseCheckpoint, options: UpcycleOptions, out: Path | None 
                 out_config, tensors, _shard(tensors, options.shard_size), dropped,
                 teacher=teacher.to_dict() if teacher else None, moe=moe)
     if out is not None:
-        _check_free_disk(plan, out)
+        plan.free_bytes = check_free_disk(out, plan.bytes_to_write)
     return plan
 
 
@@ -255,16 +255,6 @@ def _teacher_check(ckpt: DenseCheckpoint, options: UpcycleOptions, family: Famil
         return teacher_problems(teacher_ckpt, family, dims, options, expert_width, moe_layers, student=ckpt)
     finally:
         teacher_ckpt.close()
-
-
-def _check_free_disk(plan: Plan, out: Path) -> None:
-    """Record the free disk at ``out`` in the plan; :class:`DiskSpaceError` when the output does not fit."""
-    plan.free_bytes = _free_bytes(out)
-    if plan.free_bytes < plan.bytes_to_write:
-        raise DiskSpaceError(
-            f"not enough free disk at {out.parent}: the output needs {plan.bytes_to_write / 1e9:.2f} GB, "
-            f"{plan.free_bytes / 1e9:.2f} GB free; free space or choose another --out"
-        )
 
 
 def _resolved(options: UpcycleOptions, has_stats: bool) -> UpcycleOptions:
@@ -396,10 +386,3 @@ def _shard(tensors: list[PlannedTensor], shard_size: int) -> list[list[int]]:
         shards[-1].append(i)
         size += t.nbytes
     return shards
-
-
-def _free_bytes(out: Path) -> int:
-    probe = out.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free

@@ -124,7 +124,7 @@ def test_output_exists_exit_5_unless_force(tiny, tmp_path, capsys):
 
 
 def test_not_enough_disk_exit_2_and_nothing_written(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("ckptforge.plan._free_bytes", lambda out: 1000)
+    monkeypatch.setattr("ckptforge.io.paths.free_bytes", lambda out: 1000)
     out = tmp_path / "moe"
     code, _, err = _invoke(capsys, "upcycle", str(tiny("vit")), "--experts", "4", "--out", str(out))
     assert code == 2 and "not enough free disk" in _one_line_error(err)

@@ -14,10 +14,11 @@ destroy the input while it is being read. ``--force`` replaces only a previous c
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
-from ckptforge.errors import OutputExistsError, UsageError
+from ckptforge.errors import DiskSpaceError, OutputExistsError, UsageError
 
 #: The file that marks a directory as a ckptforge output (provenance and file hashes).
 OUTPUT_MARKER = "ckptforge.json"
@@ -123,3 +124,20 @@ def check_output_file(flag: str, target: str | os.PathLike[str], reads: Iterable
     refuse_overlap(flag, target, reads)
     refuse_overlap(flag, target, writes, role="writes")
     return t
+
+
+def free_bytes(out: Path) -> int:
+    """Free disk where ``out`` will be written (its nearest existing ancestor's file system)."""
+    probe = real(out).parent
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_disk(out: Path, needed: int) -> int:
+    """The free bytes at ``out``; :class:`DiskSpaceError` (exit 2) when ``needed`` bytes do not fit."""
+    free = free_bytes(out)
+    if free < needed:
+        raise DiskSpaceError(f"not enough free disk at {real(out).parent}: the output needs {needed / 1e9:.2f} GB, "
+                             f"{free / 1e9:.2f} GB free; free space or choose another --out")
+    return free
