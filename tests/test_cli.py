@@ -170,25 +170,32 @@ def _big_dense(directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.slow
-def test_sigkill_while_writing_leaves_nothing_that_looks_complete(tmp_path):
+def _interruptible_conversion(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """An ~400 MB conversion into ``tmp_path / "moe"`` (50 MB shards), returned once two shard files
+    exist in its temporary directory (still running), with its output path."""
     dense = _big_dense(tmp_path / "dense")
     out = tmp_path / "moe"
-    args = [sys.executable, "-m", "ckptforge", "upcycle", str(dense), "--experts", "8", "--layers", "all",
-            "--out", str(out), "--shard-size", "50MB", "-q"]
-    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "ckptforge", "upcycle", str(dense), "--experts", "8", "--layers",
+                             "all", "--out", str(out), "--shard-size", "50MB", "-q"], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         tmp_dirs = list(tmp_path.glob(".moe.ckptforge-tmp-*"))
         if tmp_dirs and len(list(tmp_dirs[0].glob("*.safetensors"))) >= 2:
             break
         time.sleep(0.002)
-    assert proc.poll() is None, "the conversion finished before it could be killed"
+    assert proc.poll() is None, "the conversion finished before it could be interrupted"
+    return proc, out
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_leaves_nothing_that_looks_complete(tmp_path):
+    proc, out = _interruptible_conversion(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
     assert list(tmp_path.glob(".moe.ckptforge-tmp-*"))  # the partial write stayed under its hidden name
-    done = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
+    done = subprocess.run(proc.args, env=cli_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (out / "ckptforge.json").is_file()
     assert not list(tmp_path.glob(".moe.ckptforge-tmp-*"))  # the next run removed the stale one

@@ -73,25 +73,10 @@ def test_stop_event_ends_a_shard_at_its_next_piece():
 def test_ctrl_c_while_shards_are_written_in_parallel_is_one_line_and_leaves_nothing(tmp_path):
     """SIGINT once two shard files exist: exit 130, one line, no output and no temporary directory."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from conftest import cli_env
-    from test_cli import _big_dense
+    from test_cli import _interruptible_conversion
 
-    dense = _big_dense(tmp_path / "dense")
-    out = tmp_path / "moe"
-    proc = subprocess.Popen([sys.executable, "-m", "ckptforge", "upcycle", str(dense), "--experts", "8", "--layers",
-                             "all", "--out", str(out), "--shard-size", "50MB", "-q"], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        tmp_dirs = list(tmp_path.glob(".moe.ckptforge-tmp-*"))
-        if tmp_dirs and len(list(tmp_dirs[0].glob("*.safetensors"))) >= 2:
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "the conversion finished before it could be interrupted"
+    proc, out = _interruptible_conversion(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
