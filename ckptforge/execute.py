@@ -110,7 +110,7 @@ def _output_target(out: Path, force: bool, ckpt: DenseCheckpoint, teacher: Dense
                    options: UpcycleOptions) -> AtomicOutput:
     """The atomic output directory, checked not to overwrite anything the conversion reads."""
     reads = [*ckpt.read_paths(), *(teacher.read_paths() if teacher else []), *local_paths([options.calibration])]
-    target = AtomicOutput(out, force, reads)
+    target = AtomicOutput(out, force, reads=reads)
     target.check()
     if options.stats_cache:
         check_output_file("--stats-cache", options.stats_cache, reads, writes=[out])

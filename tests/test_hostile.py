@@ -58,7 +58,13 @@ def world(tmp_path_factory) -> W:
     import ckptforge
 
     root = tmp_path_factory.mktemp("hostile")
-    w: W = {"root": root, "vit": build_tiny("vit", root / "vit"), "bert": build_tiny("bert", root / "bert")}
+    w: W = {"root": root, "vit": build_tiny("vit", root / "vit"), "bert": build_tiny("bert", root / "bert"),
+            "llama": build_tiny("llama", root / "llama")}
+    shutil.copytree(w["llama"], root / "llama-marked")  # a source that also holds a ckptforge.json (e.g. an
+    (root / "llama-marked" / "ckptforge.json").write_text("{}")  # output folder reused): --force must not take it
+    w["llama_marked"] = root / "llama-marked"
+    (root / "calib.txt").write_text("one line of calibration text\n" * 8)
+    w["calib_txt"] = root / "calib.txt"
     w["moe"] = root / "moe"
     ckptforge.upcycle(w["vit"], w["moe"], ckptforge.UpcycleOptions(num_experts=4))
     imgs = w["imgs"] = root / "imgs"
@@ -167,6 +173,16 @@ CASES = [
     Case("out-symlink-to-source", lambda w: ["upcycle", w["vit"], "--out", w["link"], "--force"], 2, "this run reads"),
     Case("out-inside-calibration", lambda w: ["upcycle", w["vit"], "--out", w["imgs"] / "moe", *IMPORTANCE, w["imgs"]],
          2, "lies inside"),
+    # the multi-source paths (issue 14) follow the same rule: mergekit-style experts and a carved shared expert
+    Case("multisource-out-is-expert-source-force", lambda w: [
+        "upcycle", w["llama"], "--expert-source", w["llama_marked"], "--expert-source", w["llama"],
+        "--out", w["llama_marked"], "--force"], 2, "this run reads", subprocess=True),
+    Case("multisource-out-inside-base", lambda w: [
+        "upcycle", w["llama"], "--expert-source", w["llama"], "--expert-source", w["llama"], "--out", w["llama"] / "moe"],
+         2, "lies inside"),
+    Case("carved-out-is-source-force", lambda w: [
+        "upcycle", w["llama_marked"], "--shared-expert", "carved", "--calibration", w["calib_txt"], "--experts", "4",
+        "--top-k", "2", "--out", w["llama_marked"], "--force"], 2, "this run reads"),
     Case("force-over-user-files", lambda w: ["upcycle", w["vit"], "--out", w["user_files"], "--force"], 2,
          "not a ckptforge output"),
     Case("stats-cache-is-source", lambda w: ["upcycle", w["vit"], "--out", w["root"] / OUT, *IMPORTANCE, w["imgs"],

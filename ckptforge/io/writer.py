@@ -6,7 +6,7 @@ as they are produced (in chunks, e.g. one expert at a time) instead of holding a
 format (8-byte little-endian header length, JSON header, raw little-endian data); reading is
 left to the ``safetensors`` library. Each file's sha256 is computed while writing.
 
-    >>> with AtomicOutput(Path("out/m"), force=False) as tmp:           # doctest: +SKIP
+    >>> with AtomicOutput(Path("out/m"), force=False, reads=[Path("ckpt")]) as tmp:  # doctest: +SKIP
     ...     digest = write_shard(tmp / "model.safetensors", specs, chunks)
 """
 
@@ -270,12 +270,13 @@ class AtomicOutput:
     """Context manager: a temporary sibling directory that becomes ``out`` only on success.
 
     ``out`` follows :func:`ckptforge.io.paths.check_output`: an existing ``out`` is refused unless
-    ``force`` and a previous output, and ``out`` may not overlap ``reads`` (the run's inputs). On
+    ``force`` and a previous output, and ``out`` may not overlap ``reads`` (every path the run reads:
+    required, so no writer can forget its inputs; issue 11). On
     any error — and after a SIGKILL — nothing is left at ``out``; stale temporary siblings of dead
     processes are removed on the next run.
     """
 
-    def __init__(self, out: Path, force: bool = False, reads: Iterable[Path] = (), flag: str = "--out"):
+    def __init__(self, out: Path, force: bool = False, *, reads: Iterable[Path], flag: str = "--out"):
         self.out = Path(out)
         self.force = force
         self.reads = list(reads)

@@ -27,6 +27,7 @@ from ckptforge.config import UpcycleOptions
 from ckptforge.errors import PlanError
 from ckptforge.execute import generator_for, write_tensors
 from ckptforge.families import detect_family
+from ckptforge.io.paths import local_paths
 from ckptforge.io.source import open_checkpoint, sha256_file
 from ckptforge.io.writer import AtomicOutput
 from ckptforge.loading import copy_files
@@ -73,7 +74,7 @@ def carve_shared_expert(source: str | Path, out: str | Path, *, num_experts: int
                                  router_init_std=router_init_std, seed=seed, dtype=dtype, shard_size=shard_size)
         plan = build_plan(ckpt, options, Path(out), output_format=_with_shared_width(fmt, shared))
         plan.output_config["shared_expert_intermediate_size"] = shared
-        target = AtomicOutput(Path(out), force)
+        target = AtomicOutput(Path(out), force, reads=[*ckpt.read_paths(), *local_paths([calibration])])
         target.check()
         data = load_calibration(calibration, ckpt, family.modality, samples=calib_samples,
                                 batch_size=calib_batch_size, seed=seed)

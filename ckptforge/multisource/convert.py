@@ -51,7 +51,7 @@ def upcycle_multisource(spec: MoESpec, out: str | Path, *, layers: str = "all", 
     out = Path(out)
     ms = plan_multisource(spec, out, layers=layers, seed=seed, shard_size=shard_size, recipe=recipe)
     try:
-        target = AtomicOutput(out, force)
+        target = AtomicOutput(out, force, reads=[p for c in ms.sources.by_ref.values() for p in c.read_paths()])
         target.check()
         gates = compute_gates(spec, ms.sources.base, ms.plan.moe_layers, generator_for(seed, "gates"))
         with ThreadPoolExecutor(max_workers=1) as pool, target as tmp:
