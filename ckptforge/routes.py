@@ -17,7 +17,7 @@ import torch
 from ckptforge.errors import SourceError, UsageError
 from ckptforge.families.formats import modality_of
 from ckptforge.io.inputs import IMAGE_SUFFIXES, is_image_file, load_image_processor, load_tokenizer, read_utf8
-from ckptforge.io.paths import check_output_file
+from ckptforge.io.paths import check_figure_file
 from ckptforge.loading import load_model
 
 
@@ -112,7 +112,7 @@ def save_expert_maps(report: RoutesReport, out: str | Path) -> list[str]:
     out = Path(out)
     paths = {layer: out.with_name(f"{out.stem}-layer{layer}{out.suffix or '.png'}") for layer in report.layers}
     for path in paths.values():  # issue 11: never over the model or the input
-        check_output_file("--out", path, reads=[report.model, report.input])
+        check_figure_file("--out", path, reads=[report.model, report.input])
     files = []
     for layer, routes in report.layers.items():
         fig, axes = plt.subplots(1, 2 if report.grid else 1, figsize=(9 if report.grid else 5, 4), squeeze=False)

@@ -191,6 +191,12 @@ CASES = [
                                                 "--save", w["moe"], "--force"], 2, "this run reads"),
     Case("routes-out-into-model", lambda w: ["routes", w["moe"], "--input", w["imgs"] / "0.png",
                                              "--out", w["moe"] / "map.png"], 2, "lies inside"),
+    Case("eval-out-over-data-image", lambda w: ["eval", w["moe"], "--data", w["classes"],
+                                                "--out", w["classes"] / "a" / "0.png"], 2, "lies inside"),
+    Case("eval-out-over-weights", lambda w: ["eval", w["moe"], "--data", w["classes"],
+                                             "--out", w["moe"] / "model.safetensors"], 2, "not a figure file", subprocess=True),
+    Case("routes-out-not-a-figure", lambda w: ["routes", w["moe"], "--input", w["imgs"] / "0.png",
+                                               "--out", w["root"] / "map.txt"], 2, "not a figure file"),
     # 2. tracebacks → one-line typed errors
     Case("header-not-object", lambda w: ["upcycle", w["hdr_list"], "--out", w["root"] / OUT], 3, "bad header", subprocess=True),
     Case("dir-named-weights", lambda w: ["upcycle", w["dir_named_weights"], "--out", w["root"] / OUT], 3, "holds no checkpoint"),

@@ -31,6 +31,10 @@ def eval_model(
 ) -> None:
     """Evaluate a model on held-out data; with --capacity-factor, the V-MoE capacity sweep."""
     from ckptforge.evaluate import EvalOptions, evaluate, parse_capacity_factors, plot_sweep
+    from ckptforge.io.paths import check_figure_file, local_paths
+
+    if out is not None:  # before the evaluation: never over the model or the data (issue 11)
+        check_figure_file("--out", out, reads=local_paths([model, data]))
 
     options = EvalOptions(
         data=data, capacity_factors=parse_capacity_factors(capacity_factor) if capacity_factor is not None else None,

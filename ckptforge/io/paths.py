@@ -111,6 +111,18 @@ def check_output(flag: str, out: str | os.PathLike[str], *, force: bool = False,
     return t
 
 
+#: Figure files ckptforge writes with matplotlib (``eval --out``, ``routes --out``), by suffix.
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_figure_file(flag: str, target: str | os.PathLike[str], reads: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """:func:`check_output_file` for a plot, whose suffix must also be one of :data:`FIGURE_SUFFIXES`."""
+    suffix = Path(os.fspath(target)).suffix.lower()
+    if suffix not in FIGURE_SUFFIXES:
+        raise UsageError(f"{flag} '{target}' is not a figure file; end it in {' | '.join(FIGURE_SUFFIXES)}")
+    return check_output_file(flag, target, reads)
+
+
 def check_output_file(flag: str, target: str | os.PathLike[str], reads: Iterable[str | os.PathLike[str]] = (),
                       writes: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """The rules for a single file a run writes (``--stats-cache``, a PNG): creatable, its
