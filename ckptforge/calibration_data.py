@@ -17,10 +17,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ckptforge.errors import CalibrationError, HubError
+from ckptforge.errors import CalibrationError
 from ckptforge.io.inputs import (
-    IMAGE_COLUMNS, IMAGE_SUFFIXES, SAVED_DATASET_FILES, TEXT_COLUMNS, is_image_file, is_saved_dataset,
-    load_image_processor, load_tokenizer, text_of,
+    IMAGE_COLUMNS, IMAGE_SUFFIXES, TEXT_COLUMNS, is_dataset_dir, is_image_file, load_image_processor, load_tokenizer,
+    open_dataset, text_of,
 )
 from ckptforge.io.source import DenseCheckpoint
 
@@ -68,7 +68,7 @@ def load_calibration(path: str | Path, ckpt: DenseCheckpoint, modality: str, *, 
             raise CalibrationError(f"calibration file '{p}' is not .txt or .jsonl; pass a text file, "
                                    "a folder of images or a dataset")
         kind, raw = "text", read_text_samples(p, samples)
-    elif p.is_dir() and not _is_dataset_dir(p):
+    elif p.is_dir() and not is_dataset_dir(p):
         kind, raw = "image", _image_files(p)
     else:
         kind, raw = _read_dataset(str(path))
@@ -120,29 +120,8 @@ def _jsonl_text(path: Path, n: int, line: str) -> str:
     return text_of(row) if isinstance(row, dict) else str(row)
 
 
-def _is_dataset_dir(path: Path) -> bool:
-    if is_saved_dataset(path):
-        return True
-    return not any(is_image_file(f) for f in path.rglob("*")) and any(
-        f.suffix in (".arrow", ".parquet") for f in path.rglob("*"))
-
-
 def _read_dataset(ref: str) -> tuple[str, list[Any]]:
-    import datasets
-
-    try:
-        if Path(ref).is_dir() and any((Path(ref) / f).is_file() for f in SAVED_DATASET_FILES[1:]):
-            ds = datasets.load_from_disk(ref)
-        else:
-            ds = datasets.load_dataset(ref)
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration data '{ref}' is not a file, an image folder or a dataset; "
-                               "check the path or the dataset id") from None
-    except Exception as exc:  # datasets raises many kinds for offline / missing repos
-        raise HubError(f"could not load dataset '{ref}': {' '.join(str(exc).split())[:200]}; check the id, "
-                       "the network or HF_HUB_OFFLINE with a cached copy") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    ds = open_dataset(ref, "--calibration")
     for column in IMAGE_COLUMNS:
         if column in ds.column_names:
             return "image", list(ds[column])

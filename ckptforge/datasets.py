@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ckptforge.io.inputs import (
-    IMAGE_COLUMNS, IMAGE_SUFFIXES, TEXT_COLUMNS, ImageInputs, is_image_file, is_saved_dataset, load_image_processor,
-    load_tokenizer, read_utf8,
+    IMAGE_COLUMNS, IMAGE_SUFFIXES, TEXT_COLUMNS, ImageInputs, is_dataset_dir, is_image_file, load_image_processor,
+    load_tokenizer, open_dataset, read_utf8,
 )
-from ckptforge.errors import HubError, UsageError
+from ckptforge.errors import UsageError
 
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 
@@ -130,11 +130,11 @@ def _split(ds: TensorDataset, fraction: float, seed: int, data: str) -> tuple[Te
 
 def _read_images(data: str, images: ImageInputs, classes: list[str] | None, _len: int):
     path = Path(data)
-    if path.is_dir() and not is_saved_dataset(path):
+    if path.is_dir() and not is_dataset_dir(path):
         pairs, found = _image_folder(path)
         label_names = found
     else:
-        rows = _hf_rows(data)
+        rows = open_dataset(data, "--data")
         image_col = _column(rows, IMAGE_COLUMNS, data, "image")
         label_col = _column(rows, LABEL_COLUMNS, data, "label")
         names = _label_names(rows, label_col)
@@ -185,7 +185,7 @@ def _read_causal(data: str, tokenize: _Tokenize, _classes: Any, seq_len: int):
     elif path.suffix in (".jsonl", ".json") and path.is_file():
         texts = [row["text"] for row in _jsonl(path, ("text",))]
     else:
-        rows = _hf_rows(data)
+        rows = open_dataset(data, "--data")
         texts = [row[_column(rows, TEXT_COLUMNS, data, "text")] for row in rows]
     ids = [i for text in texts for i in tokenize(text)]
     n_blocks = len(ids) // (seq_len + 1)
@@ -203,7 +203,7 @@ def _read_text_labels(data: str, tokenize: _Tokenize, classes: list[str] | None,
     if path.suffix in (".jsonl", ".json") and path.is_file():
         rows, text_col, label_col = _jsonl(path, ("text", "label")), "text", "label"
     else:
-        rows = _hf_rows(data)
+        rows = open_dataset(data, "--data")
         text_col = _column(rows, TEXT_COLUMNS, data, "text")
         label_col = _column(rows, LABEL_COLUMNS, data, "label")
     names = _label_names(rows, label_col)
@@ -240,26 +240,6 @@ def _jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------------
-
-
-def _hf_rows(data: str) -> Any:
-    """A ``save_to_disk`` directory or a Hub dataset id, its train split."""
-    import datasets
-
-    path = Path(data)
-    if path.exists():
-        if not (path.is_dir() and is_saved_dataset(path)):
-            raise UsageError(f"{data} is not a data folder, .txt/.jsonl file or saved dataset; see finetune --help")
-        ds = datasets.load_from_disk(str(path))
-    else:
-        try:
-            ds = datasets.load_dataset(data)
-        except Exception as exc:  # the datasets library raises many types for offline / not found
-            raise HubError(f"could not load dataset {data!r} from the Hub ({type(exc).__name__}); "
-                           "check the id and network, or pass a local folder") from exc
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return ds
 
 
 def _column(rows: Any, candidates: tuple[str, ...], data: str, what: str) -> str:

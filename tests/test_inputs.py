@@ -146,3 +146,32 @@ def test_a_processor_that_does_not_fit_the_model_is_refused_by_every_command(tmp
         assert main(args) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == message
     assert not (moe / "finetune").exists()
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet-folder"])
+def test_one_dataset_rule_for_calibration_and_finetune(tmp_path, layout):
+    """A saved dataset and a folder of Parquet files are read by calibration and finetune alike (finetune
+    refused the Parquet folder); a folder that is neither images nor a dataset is refused by both
+    (exit 2, naming the folder)."""
+    import datasets
+
+    sentence = "Assignment statements are used to (re)bind names to values."
+    rows = datasets.Dataset.from_dict({"text": [sentence] * 4})
+    data = tmp_path / "ds"
+    if layout == "save_to_disk":
+        rows.save_to_disk(str(data))
+    else:
+        data.mkdir()
+        rows.to_parquet(str(data / "train.parquet"))
+    ckpt = open_checkpoint(str(TINY_LLAMA))
+    expected = load_calibration(data, ckpt, "text").inputs["input_ids"][0].tolist()
+    blocks = load_task_data(str(data), ckpt.config, TINY_LLAMA, seq_len=len(expected) - 1, eval_data=str(data))
+    assert blocks.train.tensors[0].tolist() == [expected] * 4
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "notes.csv").write_text("a,b\n")  # neither images nor a dataset
+    readers = (lambda ref: load_calibration(ref, ckpt, "text"), lambda ref: load_task_data(ref, ckpt.config, TINY_LLAMA))
+    for read in readers:
+        with pytest.raises(UsageError, match=f"'{odd}'"):
+            read(str(odd))

@@ -82,6 +82,47 @@ def is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in SAVED_DATASET_FILES)
 
 
+def is_dataset_dir(path: Path) -> bool:
+    """Whether the directory ``path`` holds a dataset rather than images: a ``save_to_disk`` output,
+    or Arrow / Parquet files and no image file."""
+    if is_saved_dataset(path):
+        return True
+    files = list(path.rglob("*"))
+    return not any(is_image_file(f) for f in files) and any(f.suffix in (".arrow", ".parquet") for f in files)
+
+
+def open_dataset(ref: str, flag: str) -> Any:
+    """The rows of a Hugging Face dataset: a ``save_to_disk`` directory, a folder of Arrow / Parquet
+    files or a Hub dataset id; its ``train`` split, else its first. One rule for calibration,
+    finetune and eval: a local path that is none of these, or a name found nowhere, is refused
+    (:class:`UsageError`, exit 2); the Hub or the network failing is a :class:`HubError` (exit 4)."""
+    import datasets
+
+    from ckptforge.errors import HubError
+
+    path = Path(ref).expanduser()
+    local = path.exists()
+    if local and not (path.is_dir() and is_dataset_dir(path)):
+        raise UsageError(f"{flag} '{ref}' is not a dataset (a save_to_disk folder, Arrow/Parquet files or a Hub id) "
+                         "nor data this command reads directly; see --help")
+    try:
+        if local and any((path / name).is_file() for name in SAVED_DATASET_FILES[1:]):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(str(path) if local else ref)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} '{ref}' is not a file, a folder or a dataset id; check the path or the id") from None
+    except Exception as exc:  # datasets raises many kinds for offline / missing repos and unreadable files
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        if local:
+            raise UsageError(f"{flag} '{ref}': the dataset cannot be read ({reason}); check its files") from None
+        raise HubError(f"could not load dataset '{ref}' ({reason}); check the id and the network, or set "
+                       "HF_HUB_OFFLINE=1 with a cached copy") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    return ds
+
+
 def text_of(row: dict[str, Any]) -> str:
     """The text of a JSON/dataset row: its first :data:`TEXT_COLUMNS` column, else its first string."""
     for column in TEXT_COLUMNS:
