@@ -87,8 +87,12 @@ def is_dataset_dir(path: Path) -> bool:
     or Arrow / Parquet files and no image file."""
     if is_saved_dataset(path):
         return True
-    files = list(path.rglob("*"))
-    return not any(is_image_file(f) for f in files) and any(f.suffix in (".arrow", ".parquet") for f in files)
+    tables = False
+    for f in path.rglob("*"):  # stops at the first image: an image folder is not listed twice
+        if is_image_file(f):
+            return False
+        tables = tables or f.suffix in (".arrow", ".parquet")
+    return tables
 
 
 def open_dataset(ref: str, flag: str) -> Any:
