@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from ckptforge.moe.settings import check_fields, setting
+from ckptforge.moe.settings import check_fields, flag_in, setting
 
 #: The named values of ``output_scale`` (besides a positive number).
 SCALE_NAMES = ("auto", "1", "k", "E/k", "G")
@@ -122,11 +122,7 @@ def setting_names(cls: type) -> tuple[str, ...]:
 
 def flag_of(name: str) -> str:
     """The flag of a strategy setting (``mode`` → ``--coactivation-mode``)."""
-    for cls in STRATEGY_SETTINGS.values():
-        for f in fields(cls):
-            if f.name == name and f.metadata.get("flag"):
-                return f.metadata["flag"]
-    return "--" + name.replace("_", "-")
+    return flag_in(STRATEGY_SETTINGS, name)
 
 
 def owners_of(name: str) -> str:

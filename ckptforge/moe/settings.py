@@ -24,13 +24,19 @@ def setting(default: Any, help: str, check: str | None = None, flag: str | None 
     return field(default=default, metadata={"help": help, "check": check, "flag": flag, "choices": choices})
 
 
-def flag_of(name: str) -> str:
-    """The ``upcycle`` flag of a router setting (``noise_std`` → ``--router-noise``)."""
-    for cls in ROUTER_SETTINGS.values():
+def flag_in(registry: dict[str, type], name: str) -> str:
+    """The ``upcycle`` flag of setting ``name`` among ``registry``'s classes: its field's own ``flag``
+    when one declares it, else ``--`` + the name with dashes."""
+    for cls in registry.values():
         for f in fields(cls):
             if f.name == name and f.metadata.get("flag"):
                 return f.metadata["flag"]
     return "--" + name.replace("_", "-")
+
+
+def flag_of(name: str) -> str:
+    """The ``upcycle`` flag of a router setting (``noise_std`` → ``--router-noise``)."""
+    return flag_in(ROUTER_SETTINGS, name)
 
 
 @dataclass(frozen=True)
